@@ -1,0 +1,1 @@
+"""PLY grammars: the configuration language (cf) and SMTP command lines (smtp)."""

@@ -1,0 +1,22 @@
+"""Postmaster: an ESMTP mail transfer agent for small sites, relay hosts and boxes that must just send mail."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="pmaster",
+    version="0.1.0",
+    description="Postmaster: an ESMTP mail transfer agent that is easy to read and configure",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.8",
+    packages=find_packages(exclude=["pmaster.tests"]),
+    install_requires=["ply", "pyOpenSSL", "prometheus-client", "dnspython", "pyspf"],
+    extras_require={"test": ["pytest", "pytest-xdist", "trustme", "hypothesis", "dnslib", "ruff", "vermin"]},
+    entry_points={"console_scripts": ["pmaster = pmaster.cli:main"]},
+    data_files=[("share/pmaster", ["conf/postmaster.cf.example"])],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Communications :: Email :: Mail Transport Agents",
+        "Operating System :: POSIX",
+    ],
+)
