@@ -1,0 +1,577 @@
+"""SMTP server: listeners (one ThreadingTCPServer per address) and the per-connection session.
+
+API:
+  ``Runtime``: what sessions share: the current ``Config`` and ``Router`` (swapped whole on reload), the
+     ``Spool``, TLS contexts, the session registry and a ``notify(queue_id)`` hook that wakes the scheduler.
+  ``listen_addresses(smtpd) -> List[(family, sockaddr, label)]``: resolves ``listen-port`` values.
+  ``Listener(runtime, ident, family, sockaddr)``: a bound server; ``serve_forever()`` in its own thread.
+  ``Session``: one SMTP conversation; per verb a check step (raises ``SmtpError``) and a proceed step.
+Invariants:
+  - Replies are turned into bytes in one place, ``Session._send``; handlers raise ``SmtpError`` or return a
+    ``Reply``. Replies to pipelined commands are written in order and flushed once per batch (RFC 2920).
+  - 250 after DATA only after ``SpoolWriter.commit`` returned (file and directory fsynced); a storage
+    failure answers 452 4.3.1 and leaves nothing behind (SPEC 4).
+  - A session never takes the daemon down: any exception is logged and answered with 421.
+Threading: one thread per session; sessions share only ``Runtime``, whose config snapshot is read-only.
+"""
+
+import email.utils
+import logging
+import socket
+import socketserver
+import threading
+import time
+import uuid
+from typing import Callable, Dict, List, Optional, Tuple
+
+from pmaster import reply as R
+from pmaster.channel import COMMAND_LIMIT, Channel, ChannelClosed, ChannelError, ChannelTimeout, LineTooLong
+from pmaster.config import Config, SmtpdConfig, parse_listen, service_port
+from pmaster.envelope import Envelope, Recipient, split_address
+from pmaster.errors import PmasterError, RouteError, SmtpError, SpoolError
+from pmaster.grammar.smtp import Command, SmtpSyntaxError, parse_command
+from pmaster.reply import Reply
+from pmaster.routing import Router, Target
+from pmaster.spool import Spool
+
+log = logging.getLogger("pmaster.smtpd")
+
+MAX_ERRORS = 10
+MAX_RECEIVED = 50
+HEADER_SNIFF_LIMIT = 64 * 1024
+
+
+class Runtime:
+    """State shared by every session of every listener."""
+
+    def __init__(self, config: Config, spool: Spool, notify: Callable[[str], None] = lambda qid: None):
+        self.spool = spool
+        self.notify = notify
+        self._lock = threading.Lock()
+        self._snapshot: Tuple[Config, Router] = (config, Router(config))
+        self._tls: Dict[str, object] = {}
+        self.sessions: Dict[int, "Session"] = {}
+        self.per_ip: Dict[str, int] = {}
+        self.per_listener: Dict[str, int] = {}
+        self.accepting = True
+        self.metrics = None  # set by the daemon: pmaster.metrics module or None
+
+    @property
+    def config(self) -> Config:
+        return self._snapshot[0]
+
+    def snapshot(self) -> Tuple[Config, Router]:
+        return self._snapshot
+
+    def reload(self, config: Config) -> None:
+        """Swap config and router atomically and rebuild TLS contexts; raises PmasterError on a bad cert."""
+        contexts = build_tls_contexts(config)
+        router = Router(config)
+        with self._lock:
+            self._snapshot = (config, router)
+            self._tls = contexts
+
+    def load_tls(self) -> None:
+        self._tls = build_tls_contexts(self.config)
+
+    def tls_context(self, ident: str):
+        return self._tls.get(ident)
+
+    # -- session registry and connection limits
+
+    def register(self, session: "Session", smtpd: SmtpdConfig) -> Optional[Reply]:
+        ip = session.client_address
+        with self._lock:
+            if not self.accepting:
+                return R.SHUTTING_DOWN
+            if self.per_listener.get(smtpd.ident, 0) >= smtpd.max_connections:
+                return R.TOO_MANY_CONNECTIONS
+            if self.per_ip.get(ip, 0) >= smtpd.max_connections_per_ip:
+                return Reply(421, "4.7.0", "Too many connections from %s" % ip)
+            self.per_listener[smtpd.ident] = self.per_listener.get(smtpd.ident, 0) + 1
+            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+            self.sessions[id(session)] = session
+        return None
+
+    def unregister(self, session: "Session", smtpd: SmtpdConfig) -> None:
+        ip = session.client_address
+        with self._lock:
+            if self.sessions.pop(id(session), None) is None:
+                return
+            self.per_listener[smtpd.ident] -= 1
+            self.per_ip[ip] -= 1
+            if not self.per_ip[ip]:
+                del self.per_ip[ip]
+
+    def active_sessions(self) -> int:
+        with self._lock:
+            return len(self.sessions)
+
+
+def build_tls_contexts(config: Config) -> Dict[str, object]:
+    from pmaster.tls import server_context
+
+    out: Dict[str, object] = {}
+    for ident, smtpd in config.smtpd.items():
+        if smtpd.tls_enabled:
+            out[ident] = server_context(smtpd.tls_certificate, smtpd.tls_key)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Listeners
+
+
+def listen_addresses(smtpd: SmtpdConfig) -> List[Tuple[int, tuple, str]]:
+    """Resolve every ``listen-port`` of a section; raises PmasterError naming what cannot be resolved."""
+    out: List[Tuple[int, tuple, str]] = []
+    for text in smtpd.listen_ports:
+        host, service = parse_listen(text, "[%s]" % smtpd.ident if ":" in smtpd.ident else smtpd.ident)
+        port = service_port(service)
+        if port is None:
+            raise PmasterError("[smtpd %s] listen-port %s: unknown service %r" % (smtpd.ident, text, service))
+        for family, sockaddr in _resolve_host(host, port, smtpd.ident, text):
+            label = "[%s]:%d" % (sockaddr[0], port) if family == socket.AF_INET6 else "%s:%d" % (sockaddr[0], port)
+            if all(label != o[2] for o in out):
+                out.append((family, sockaddr, label))
+    return out
+
+
+def _resolve_host(host: str, port: int, ident: str, text: str) -> List[Tuple[int, tuple]]:
+    if host in ("*",):
+        return [(socket.AF_INET, ("0.0.0.0", port)), (socket.AF_INET6, ("::", port, 0, 0))]
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise PmasterError("[smtpd %s] listen-port %s: cannot resolve %r: %s" % (ident, text, host, exc.strerror))
+    out = []
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr) not in out:
+            out.append((family, sockaddr))
+    return out
+
+
+class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = 128
+    block_on_close = False
+
+    def __init__(self, runtime: Runtime, ident: str, family: int, sockaddr: tuple, label: str = ""):
+        self.address_family = family
+        self.runtime = runtime
+        self.ident = ident
+        self.label = label or str(sockaddr)
+        socketserver.TCPServer.__init__(self, sockaddr, _Handler, bind_and_activate=False)
+        try:
+            if family == socket.AF_INET6:
+                # [::] and 0.0.0.0 must both bind (STYLE: IPv6 listeners set IPV6_V6ONLY).
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            self.server_bind()
+            self.server_activate()
+        except OSError as exc:
+            self.server_close()
+            raise PmasterError("[smtpd %s] cannot listen on %s: %s" % (ident, self.label, exc.strerror or exc))
+
+    def handle_error(self, request, client_address) -> None:
+        log.exception("[smtpd %s] unhandled error for client %s", self.ident, client_address)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        server: Listener = self.server  # type: ignore[assignment]
+        threading.current_thread().name = "smtpd:%s" % server.ident
+        Session(server.runtime, server.ident, self.request, self.client_address).run()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Session
+
+
+class _Transaction:
+    """One mail transaction: replaced at RSET, HELO/EHLO, STARTTLS and after DATA (aiosmtpd's Envelope)."""
+
+    def __init__(self) -> None:
+        self.mail_from: Optional[str] = None
+        self.body_type = "7BIT"
+        self.size_hint = 0
+        self.recipients: List[Tuple[str, List[Target]]] = []  # (address as given, final targets)
+
+
+class SessionView:
+    """Read-only view of a session for policy callables (SPEC 9)."""
+
+    def __init__(self, session: "Session"):
+        self._s = session
+
+    listener = property(lambda self: self._s.ident)
+    client_address = property(lambda self: self._s.client_address)
+    client_port = property(lambda self: self._s.client_port)
+    client_name = property(lambda self: self._s.client_name)
+    helo = property(lambda self: self._s.helo)
+    tls = property(lambda self: self._s.channel.tls if self._s.channel else None)
+    mail_from = property(lambda self: self._s.tx.mail_from)
+    recipients = property(lambda self: tuple(a for a, _ in self._s.tx.recipients))
+
+
+class Session:
+    def __init__(self, runtime: Runtime, ident: str, sock: socket.socket, client: tuple):
+        self.runtime = runtime
+        self.ident = ident
+        self.sock = sock
+        self.client_address = client[0]
+        if self.client_address.startswith("::ffff:"):
+            self.client_address = self.client_address[7:]
+        self.client_port = client[1]
+        self.client_name = "unknown"
+        self.helo: Optional[str] = None
+        self.esmtp = False
+        self.tx = _Transaction()
+        self.errors = 0
+        self.channel: Optional[Channel] = None
+        self.closing = False
+        self.started = time.time()
+        self.log = logging.getLogger("pmaster.smtpd.%s" % ident)
+        self.in_data = False
+
+    @property
+    def smtpd(self) -> SmtpdConfig:
+        config = self.runtime.config
+        return config.smtpd.get(self.ident) or SmtpdConfig(ident=self.ident, name=self.ident, listen_ports=())
+
+    # -- the loop
+
+    def run(self) -> None:
+        smtpd = self.smtpd
+        self.channel = Channel(self.sock, smtpd.timeout)
+        refused = self.runtime.register(self, smtpd)
+        try:
+            if refused is not None:
+                self.log.info("connect from [%s]: refused: %s", self.client_address, refused.text)
+                self._send(refused)
+                return
+            self.log.info("connect from [%s]:%s", self.client_address, self.client_port)
+            self._count("connection")
+            self._send(Reply(220, None, "%s ESMTP Postmaster" % smtpd.name))
+            self._loop()
+        except ChannelTimeout:
+            self._send_quietly(R.TIMEOUT)
+            self.log.info("timeout after %s from [%s]", "DATA" if self.in_data else "command", self.client_address)
+        except ChannelClosed:
+            pass
+        except Exception:  # a broken session must never take the daemon down
+            self.log.exception("session with [%s] failed", self.client_address)
+            self._send_quietly(R.LOCAL_ERROR)
+        finally:
+            self.runtime.unregister(self, smtpd)
+            self.log.info("disconnect from [%s]", self.client_address)
+            self.channel.close()
+
+    def _loop(self) -> None:
+        while not self.closing:
+            if not self.runtime.accepting and not self.in_data and self.tx.mail_from is None:
+                self._send(R.SHUTTING_DOWN)
+                return
+            try:
+                line = self.channel.readline(COMMAND_LIMIT)
+            except LineTooLong:
+                self._answer(R.LINE_TOO_LONG)
+                continue
+            self._answer(self._dispatch(line))
+
+    def _dispatch(self, raw: bytes) -> Reply:
+        text = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        try:
+            cmd = parse_command(text)
+            handler = getattr(self, "do_" + cmd.verb.lower(), None)
+            if handler is None:
+                return R.NOT_IMPLEMENTED
+            return handler(cmd)
+        except SmtpSyntaxError as exc:
+            return exc.reply
+        except SmtpError as exc:
+            return exc.reply
+
+    def _answer(self, reply: Optional[Reply]) -> None:
+        if reply is None:
+            return
+        if reply.code >= 500:
+            self.errors += 1
+        self.channel.write(reply.to_bytes())
+        if self.errors >= MAX_ERRORS:
+            self.channel.write(R.TOO_MANY_ERRORS.to_bytes())
+            self.channel.flush()
+            self.closing = True
+            return
+        if self.closing or not self.channel.has_pending_input():
+            self.channel.flush()
+
+    def _send(self, reply: Reply) -> None:
+        self.channel.write(reply.to_bytes())
+        self.channel.flush()
+
+    def _send_quietly(self, reply: Reply) -> None:
+        try:
+            self._send(reply)
+        except (ChannelError, OSError):
+            pass
+
+    def _count(self, what: str, *labels: str) -> None:
+        metrics = self.runtime.metrics
+        if metrics is not None:
+            metrics.count(what, self.ident, *labels)
+
+    # -- verbs
+
+    def do_helo(self, cmd: Command) -> Reply:
+        return self._greet(cmd, esmtp=False)
+
+    def do_ehlo(self, cmd: Command) -> Reply:
+        return self._greet(cmd, esmtp=True)
+
+    def _greet(self, cmd: Command, esmtp: bool) -> Reply:
+        self.helo = cmd.domain
+        self.esmtp = esmtp
+        self.tx = _Transaction()
+        smtpd = self.smtpd
+        if not esmtp:
+            return Reply(250, None, smtpd.name)
+        lines = [smtpd.name, "PIPELINING", "SIZE %d" % smtpd.max_message_size, "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if self.channel.tls is None and self.runtime.tls_context(self.ident) is not None:
+            lines.append("STARTTLS")
+        return Reply(250, None, "\n".join(lines))
+
+    def do_mail(self, cmd: Command) -> Reply:
+        config, _ = self.runtime.snapshot()
+        smtpd = config.smtpd.get(self.ident, self.smtpd)
+        if self.helo is None:
+            raise SmtpError(R.NEED_HELO)
+        if self.tx.mail_from is not None:
+            raise SmtpError(R.NESTED_MAIL)
+        if smtpd.require_tls and self.channel.tls is None:
+            raise SmtpError(R.TLS_REQUIRED)
+        sender = cmd.address
+        if sender.startswith("-"):
+            raise SmtpError(Reply(553, "5.1.7", "<%s>: Sender address rejected: bad address syntax" % sender))
+        body_type, size = self._mail_params(cmd.params, smtpd)
+        if sender and not split_address(sender)[1] and smtpd.local_rcpt_to:
+            sender = "%s@%s" % (sender, config.core.hostname)
+        if self._free_space() < config.core.min_free_space + size:
+            raise SmtpError(R.LOW_DISK)
+        self.tx = _Transaction()
+        self.tx.mail_from = sender
+        self.tx.body_type = body_type
+        self.tx.size_hint = size
+        return R.SENDER_OK
+
+    def _mail_params(self, params: Dict[str, Optional[str]], smtpd: SmtpdConfig) -> Tuple[str, int]:
+        body_type, size = "7BIT", 0
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    raise SmtpError(Reply(501, "5.5.4", "Bad SIZE parameter"))
+                size = int(value)
+                if size > smtpd.max_message_size:
+                    raise SmtpError(R.MESSAGE_TOO_BIG)
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    raise SmtpError(Reply(501, "5.5.4", "Bad BODY parameter"))
+                body_type = value.upper()
+            else:
+                raise SmtpError(Reply(555, "5.5.4", "Unsupported parameter %s" % key))
+        return body_type, size
+
+    def _free_space(self) -> int:
+        try:
+            return self.runtime.spool.free_space()
+        except OSError:
+            return 0
+
+    def do_rcpt(self, cmd: Command) -> Reply:
+        config, router = self.runtime.snapshot()
+        smtpd = config.smtpd.get(self.ident, self.smtpd)
+        if self.tx.mail_from is None:
+            raise SmtpError(R.NEED_MAIL)
+        if cmd.params:
+            raise SmtpError(Reply(555, "5.5.4", "Unsupported parameter %s" % next(iter(cmd.params))))
+        if len(self.tx.recipients) >= smtpd.max_recipients:
+            raise SmtpError(R.TOO_MANY_RECIPIENTS)
+        address = cmd.address
+        local, domain = split_address(address)
+        if local.startswith("-"):
+            raise SmtpError(Reply(553, "5.1.3", "<%s>: Recipient address rejected: bad address syntax" % address))
+        if not domain and not smtpd.local_rcpt_to and local.lower() != "postmaster":
+            raise SmtpError(Reply(504, "5.5.2", "<%s>: Recipient address rejected: need fully-qualified address"
+                                  % address))
+        try:
+            targets = router.resolve(address, smtpd.routing_table, local_rcpt_to=smtpd.local_rcpt_to)
+        except RouteError as exc:
+            self.log.info("reject RCPT from [%s]: %s; from=<%s> to=<%s>", self.client_address, exc.reply,
+                          self.tx.mail_from, address)
+            self._count("rejection", "no_route" if exc.reply.code == 550 else "routing_error")
+            raise SmtpError(exc.reply)
+        if not domain:
+            address = "%s@%s" % (address, config.core.hostname)
+        self.tx.recipients.append((address, targets))
+        return R.RCPT_OK
+
+    def do_data(self, cmd: Command) -> Reply:
+        if self.tx.mail_from is None:
+            raise SmtpError(R.NEED_MAIL)
+        if not self.tx.recipients:
+            raise SmtpError(R.NEED_RCPT)
+        self._send(R.START_DATA)
+        self.in_data = True
+        try:
+            return self._receive()
+        finally:
+            self.in_data = False
+            self.tx = _Transaction()
+
+    def _receive(self) -> Reply:
+        config = self.runtime.config
+        smtpd = config.smtpd.get(self.ident, self.smtpd)
+        writer = self.runtime.spool.writer()
+        try:
+            qid = writer.queue_id
+            writer.write(self._received_header(qid, smtpd).encode("utf-8", "replace"))
+            sink = _HeaderFixer(writer.write, qid, config.core.hostname, smtpd.local_rcpt_to)
+            result = self.channel.read_data(sink.write, smtpd.max_message_size, smtpd.bare_newline)
+            if result.sink_error is None:
+                sink.close()
+            problem = self._data_problem(result, smtpd)
+            if problem is not None:
+                writer.abort()
+                self.log.info("%s: reject from [%s]: %s", qid, self.client_address, problem)
+                return problem
+            if result.sink_error is not None:
+                raise SpoolError(str(result.sink_error))
+            env = self._envelope(qid, writer.size, smtpd)
+            writer.commit(env)
+        except SpoolError as exc:
+            writer.abort()
+            self.log.error("cannot store message from [%s]: %s", self.client_address, exc)
+            return R.STORAGE_FAILED
+        except BaseException:
+            writer.abort()
+            raise
+        self.log.info("%s: from=<%s> size=%d nrcpt=%d client=[%s] helo=%s%s", qid, env.sender, env.size,
+                      len(env.recipients), self.client_address, self.helo,
+                      " tls=%s" % self.channel.tls.split()[0] if self.channel.tls else "")
+        self._count("message", str(env.size))
+        self.runtime.notify(qid)
+        return Reply(250, "2.0.0", "Ok: queued as %s" % qid)
+
+    def _data_problem(self, result, smtpd: SmtpdConfig) -> Optional[Reply]:
+        if result.too_big:
+            self._count("rejection", "size")
+            return R.MESSAGE_TOO_BIG
+        if result.bare_newline_seen and smtpd.bare_newline == "reject":
+            self._count("rejection", "bare_newline")
+            return R.BARE_NEWLINE
+        if result.received_headers > MAX_RECEIVED:
+            self._count("rejection", "loop")
+            return R.MAIL_LOOP
+        return None
+
+    def _received_header(self, qid: str, smtpd: SmtpdConfig) -> str:
+        tls = self.channel.tls
+        protocol = ("ESMTPS" if tls else "ESMTP") if self.esmtp else ("SMTPS" if tls else "SMTP")
+        rcpts = self.tx.recipients
+        lines = ["Received: from %s (%s [%s])" % (_header_safe(self.helo or "unknown"), self.client_name,
+                                                   self.client_address)]
+        if tls:
+            lines.append("\t(using %s)" % tls)
+        by = "\tby %s (Postmaster) with %s id %s" % (smtpd.name, protocol, qid)
+        # "for" only with a single recipient: naming several would disclose Bcc recipients (as Postfix does).
+        if len(rcpts) == 1:
+            lines += [by, "\tfor <%s>; %s" % (_header_safe(rcpts[0][0]), email.utils.formatdate(localtime=True))]
+        else:
+            lines += [by + ";", "\t%s" % email.utils.formatdate(localtime=True)]
+        return "\r\n".join(lines) + "\r\n"
+
+    def _envelope(self, qid: str, size: int, smtpd: SmtpdConfig) -> Envelope:
+        recipients = []
+        for original, targets in self.tx.recipients:
+            for t in targets:
+                recipients.append(Recipient(address=t.address, original=original, mailer=t.mailer,
+                                            target=t.target, extension=t.extension))
+        return Envelope(queue_id=qid, sender=self.tx.mail_from or "", recipients=recipients, arrival=time.time(),
+                        size=size, helo=self.helo or "", client_address=self.client_address,
+                        client_name=self.client_name, listener=self.ident, tls=self.channel.tls,
+                        body_type=self.tx.body_type)
+
+    def do_rset(self, cmd: Command) -> Reply:
+        self.tx = _Transaction()
+        return R.RESET_OK
+
+    def do_noop(self, cmd: Command) -> Reply:
+        return R.NOOP_OK
+
+    def do_quit(self, cmd: Command) -> Reply:
+        self.closing = True
+        return R.BYE
+
+    def do_vrfy(self, cmd: Command) -> Reply:
+        return R.VRFY_CANNOT
+
+    def do_starttls(self, cmd: Command) -> Optional[Reply]:
+        context = self.runtime.tls_context(self.ident)
+        if self.channel.tls is not None:
+            raise SmtpError(R.TLS_ALREADY)
+        if context is None:
+            raise SmtpError(R.NOT_IMPLEMENTED)
+        self._send(R.READY_TLS)
+        self.channel.start_tls(context)  # drops plaintext that came behind STARTTLS
+        self.helo = None
+        self.esmtp = False
+        self.tx = _Transaction()
+        self._count("tls")
+        self.log.info("STARTTLS from [%s]: %s", self.client_address, self.channel.tls)
+        return None
+
+
+def _header_safe(text: str) -> str:
+    return "".join(c if c >= " " and c != "\x7f" else "?" for c in text)[:200]
+
+
+class _HeaderFixer:
+    """Passes the body through; on local submission adds Message-ID: and Date: when the header block lacks them."""
+
+    def __init__(self, write: Callable[[bytes], object], qid: str, hostname: str, enabled: bool):
+        self.out = write
+        self.qid = qid
+        self.hostname = hostname
+        self.enabled = enabled
+        self.buf = bytearray()
+        self.passing = not enabled
+
+    def write(self, data: bytes) -> None:
+        if self.passing:
+            self.out(data)
+            return
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if self.buf.startswith(b"\r\n"):
+            end = 0
+        if end >= 0 or len(self.buf) > HEADER_SNIFF_LIMIT:
+            self._release(end if end >= 0 else len(self.buf))
+
+    def close(self) -> None:
+        if not self.passing:
+            self._release(len(self.buf))
+
+    def _release(self, header_end: int) -> None:
+        head = bytes(self.buf[:header_end]).lower()
+        extra = b""
+        if not _has_header(head, b"message-id"):
+            extra += ("Message-ID: <%s.%s@%s>\r\n" % (self.qid, uuid.uuid4().hex[:12], self.hostname)).encode()
+        if not _has_header(head, b"date"):
+            extra += ("Date: %s\r\n" % email.utils.formatdate(localtime=True)).encode()
+        self.passing = True
+        self.out(extra + bytes(self.buf))
+        self.buf = bytearray()
+
+
+def _has_header(head: bytes, name: bytes) -> bool:
+    return head.startswith(name + b":") or (b"\n" + name + b":") in head

@@ -1,0 +1,610 @@
+"""Durable spool: one record per message, the only module that knows spool paths.
+
+API:
+  ``new_queue_id() -> str``: a fresh id: 13 hex digits of microseconds since the epoch, then 5 random
+    characters; ``[0-9A-Z]`` only, so it is safe as a file name and sorts by arrival.
+  ``Spool(directory)``: creates ``tmp/ queue/ corrupt/ locks/`` (mode 0o700) and a ``VERSION`` marker.
+    ``writer()`` starts a message (``SpoolWriter``: ``write``, ``commit``, ``abort``; a context manager);
+    ``ids()``, ``load(qid)``, ``save(env)``, ``body_path(qid)``, ``open_body(qid)``, ``body_size(qid)``,
+    ``exists(qid)``, ``remove(qid)``, ``lock(qid, timeout=None)``, ``try_lock(qid)``, ``recover()``,
+    ``corrupt_ids()``, ``free_space()``.
+Layout: ``tmp/`` holds files being written; ``queue/ID.msg`` is the body, written once and never rewritten;
+  ``queue/ID.env`` is the JSON envelope (``Envelope.to_json``), replaced atomically by ``save``;
+  ``corrupt/`` holds records that could not be read; ``locks/ID.lock`` are per-message flock files.
+Invariants: a message is committed when ``queue/ID.env`` exists. ``commit`` renames the body first and the
+  envelope second, and ``remove`` unlinks the envelope first, so a crash never leaves an envelope without
+  its body. Every write is temp file, fsync, rename, fsync of ``queue/`` (SPEC 4: ``250`` after DATA only
+  once ``commit`` has returned). Concurrent commits share the ``queue/`` fsync (group commit): each caller
+  waits for one directory fsync that started after its rename; durability is never traded for speed.
+Threading: ``Spool`` is safe to share between threads and processes. ``save``, ``remove`` and every
+  read-modify-write of an envelope must run under ``lock(qid)`` (an exclusive ``flock`` on its own fd, so
+  it excludes other threads and other processes such as the ``pmaster queue`` CLI); locks do not nest.
+  ``recover`` runs at daemon start only, while no other process writes into the spool.
+Errors: ``SpoolError`` for storage failures and unreadable records (which move to ``corrupt/``),
+  ``QueueIdError`` (a ``SpoolError``) for an unknown or malformed queue id. A writer that fails removes
+  everything it wrote before raising. Daemons should ignore ``SIGXFSZ`` so a file size limit gives
+  ``EFBIG`` (a ``SpoolError``) instead of killing the process.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import BinaryIO
+
+from pmaster.envelope import Envelope
+from pmaster.errors import QueueIdError, SpoolError
+
+log = logging.getLogger("pmaster.spool")
+
+SPOOL_FORMAT = 1
+VERSION_FILE = "VERSION"
+TMP, QUEUE, CORRUPT, LOCKS = "tmp", "queue", "corrupt", "locks"
+BODY_SUFFIX, ENV_SUFFIX, LOCK_SUFFIX = ".msg", ".env", ".lock"
+
+_ID_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_ID_RANDOM = 5
+_ID_RE = re.compile(r"[0-9A-Z]{13,64}")
+_ALLOCATE_TRIES = 100
+_LOCK_TRIES = 100
+_LOCK_POLL = 0.02
+_WRITE_BUFFER = 64 * 1024
+
+_id_lock = threading.Lock()
+_id_last_us = 0
+
+
+def new_queue_id() -> str:
+    """Return an id that sorts after every id this process made before (and by arrival across processes)."""
+    global _id_last_us
+    with _id_lock:
+        # Strictly increasing within the process, even when the clock stands still or steps back.
+        now_us = max(time.time_ns() // 1000, _id_last_us + 1)
+        _id_last_us = now_us
+    suffix = "".join(secrets.choice(_ID_CHARS) for _ in range(_ID_RANDOM))
+    return f"{now_us:013X}{suffix}"
+
+
+def valid_queue_id(qid: str) -> bool:
+    return isinstance(qid, str) and _ID_RE.fullmatch(qid) is not None
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some file systems cannot fsync a directory; there is nothing more we can do there.
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)
+
+
+class GroupSync:
+    """Shares one expensive ``sync_fn`` call (a directory fsync) between concurrent callers.
+
+    ``sync()`` returns only after a call of ``sync_fn`` that started after ``sync()`` was entered has
+    finished; it returns that call's generation number. One caller (the leader) runs ``sync_fn`` while the
+    others wait on the condition; a caller that arrives while a sync runs waits for the next one, because
+    the running one may have started before the caller's rename. A failed sync raises its ``OSError`` in
+    every caller it was meant to cover (after a failed fsync a later one proves nothing).
+    """
+
+    _KEEP_FAILURES = 64
+
+    def __init__(self, sync_fn: Callable[[], None]) -> None:
+        self._sync_fn = sync_fn
+        self._cond = threading.Condition()
+        self._started = 0
+        self._completed = 0
+        self._running = False
+        self._failures: dict[int, OSError] = {}
+
+    def sync(self) -> int:
+        with self._cond:
+            need = self._started + 1
+            while self._completed < need:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._lead()
+            failure = self._failures.get(need)
+        if failure is not None:
+            raise failure
+        return need
+
+    def _lead(self) -> None:
+        """Run one sync with the condition released; called and returns with it held."""
+        self._running = True
+        self._started += 1
+        gen = self._started
+        failure: OSError | None = None
+        finished = False
+        self._cond.release()
+        try:
+            self._sync_fn()
+            finished = True
+        except OSError as exc:
+            failure = exc
+        finally:
+            self._cond.acquire()
+            if not finished and failure is None:
+                # Interrupted by something else: the followers must not take it for a success.
+                failure = OSError(errno.EIO, "directory sync interrupted")
+            self._running = False
+            self._completed = gen
+            if failure is not None:
+                self._record_failure(gen, failure)
+            self._cond.notify_all()
+
+    def _record_failure(self, gen: int, failure: OSError) -> None:
+        self._failures[gen] = failure
+        for old in [g for g in self._failures if g <= gen - self._KEEP_FAILURES]:
+            del self._failures[old]
+
+
+class SpoolLock:
+    """An exclusive ``flock`` on ``locks/ID.lock``; use ``with spool.lock(qid):``.
+
+    Each lock opens its own fd, so it excludes other threads as well as other processes. When the message
+    is gone at release, the lock file is unlinked while still held; a waiter that then gets the lock on the
+    unlinked inode notices (the path names another inode or none) and starts over.
+    """
+
+    def __init__(self, spool: "Spool", qid: str) -> None:
+        self.queue_id = qid
+        self._spool = spool
+        self._path = spool._path(LOCKS, qid, LOCK_SUFFIX)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        if self._fd is not None:
+            return True
+        if not blocking or timeout is None:
+            return self._acquire_once(blocking)
+        deadline = time.monotonic() + timeout
+        while not self._acquire_once(False):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_LOCK_POLL)
+        return True
+
+    def _acquire_once(self, blocking: bool) -> bool:
+        flags = fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
+        for _ in range(_LOCK_TRIES):
+            try:
+                fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise SpoolError(f"{self.queue_id}: cannot open lock file: {exc}") from exc
+            try:
+                fcntl.flock(fd, flags)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except OSError as exc:
+                os.close(fd)
+                raise SpoolError(f"{self.queue_id}: cannot lock: {exc}") from exc
+            if self._same_file(fd):
+                self._fd = fd
+                return True
+            os.close(fd)  # the previous holder unlinked it: lock the current file instead
+        raise SpoolError(f"{self.queue_id}: cannot lock: lock file keeps changing")
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if not self._spool._record_exists(self.queue_id):
+                _unlink_quietly(self._path)
+        finally:
+            os.close(fd)  # closing the only fd of this open file description drops the flock
+
+    def __enter__(self):  # returns self
+        if not self.acquire():
+            raise SpoolError(f"{self.queue_id}: cannot lock")  # pragma: no cover - blocking never fails
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class Spool:
+    """The spool directory; see the module docstring for layout and rules."""
+
+    def __init__(self, directory: str, group_commit: bool = True) -> None:
+        self.directory = os.path.abspath(directory)
+        self._queue_dir = os.path.join(self.directory, QUEUE)
+        self._group_commit = group_commit
+        self._queue_sync = GroupSync(lambda: _fsync_dir(self._queue_dir))
+        self._create_directories()
+        self._check_version()
+
+    # -- layout ---------------------------------------------------------------------------------------
+
+    def _create_directories(self) -> None:
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            for sub in (TMP, QUEUE, CORRUPT, LOCKS):
+                os.makedirs(os.path.join(self.directory, sub), mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"spool directory {self.directory}: {exc.strerror or exc}") from exc
+
+    def _check_version(self) -> None:
+        path = os.path.join(self.directory, VERSION_FILE)
+        try:
+            with open(path, "r", encoding="ascii") as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            self._write_version(path)
+            return
+        except (OSError, ValueError) as exc:
+            raise SpoolError(f"spool directory {self.directory}: unreadable {VERSION_FILE}: {exc}") from exc
+        if text != str(SPOOL_FORMAT):
+            raise SpoolError(f"spool directory {self.directory}: format {text!r}, "
+                             f"this version reads format {SPOOL_FORMAT}")
+
+    def _write_version(self, path: str) -> None:
+        try:
+            tmp = self._write_temp(f"{SPOOL_FORMAT}\n".encode("ascii"), "VERSION")
+            os.rename(tmp, path)
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            raise SpoolError(f"spool directory {self.directory}: cannot write {VERSION_FILE}: {exc}") from exc
+
+    def _path(self, sub: str, qid: str, suffix: str) -> str:
+        if not valid_queue_id(qid):
+            raise QueueIdError(f"invalid queue id: {qid!r}")
+        return os.path.join(self.directory, sub, qid + suffix)
+
+    def _sync_queue_dir(self) -> None:
+        if self._group_commit:
+            self._queue_sync.sync()
+        else:
+            _fsync_dir(self._queue_dir)
+
+    def _write_temp(self, data: bytes, stem: str) -> str:
+        """Write ``data`` to a new fsynced file in ``tmp/`` and return its path; nothing is left on failure."""
+        for _ in range(_ALLOCATE_TRIES):
+            path = os.path.join(self.directory, TMP, f"{stem}.{secrets.token_hex(6)}.tmp")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise OSError(errno.EEXIST, "cannot allocate a temporary file")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            _unlink_quietly(path)
+            raise
+        return path
+
+    def _install_env(self, env: Envelope) -> None:
+        """Atomically replace ``queue/ID.env`` (temp file and fsync; the caller fsyncs ``queue/``)."""
+        tmp = self._write_temp(env.to_json().encode("utf-8"), env.queue_id)
+        try:
+            os.rename(tmp, self._path(QUEUE, env.queue_id, ENV_SUFFIX))
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    def _record_exists(self, qid: str) -> bool:
+        return any(os.path.exists(self._path(QUEUE, qid, s)) for s in (ENV_SUFFIX, BODY_SUFFIX))
+
+    # -- writing --------------------------------------------------------------------------------------
+
+    def writer(self) -> "SpoolWriter":
+        return SpoolWriter(self)
+
+    def save(self, env: Envelope) -> None:
+        """Replace the envelope of a queued message; the body is not touched. Hold ``lock(qid)``."""
+        qid = env.queue_id
+        if not os.path.exists(self._path(QUEUE, qid, BODY_SUFFIX)):
+            raise QueueIdError(f"{qid}: no such message")
+        try:
+            self._install_env(env)
+            self._sync_queue_dir()
+        except OSError as exc:
+            raise SpoolError(f"{qid}: cannot save envelope: {exc}") from exc
+
+    def remove(self, qid: str) -> None:
+        """Delete a message: the envelope first, so a crash never leaves an envelope without its body."""
+        env_path = self._path(QUEUE, qid, ENV_SUFFIX)
+        body_path = self._path(QUEUE, qid, BODY_SUFFIX)
+        removed = False
+        try:
+            for path in (env_path, body_path):
+                try:
+                    os.unlink(path)
+                    removed = True
+                except FileNotFoundError:
+                    pass
+            if not removed:
+                raise QueueIdError(f"{qid}: no such message")
+            # Durable removal: otherwise a crash could bring a delivered message back.
+            self._sync_queue_dir()
+        except QueueIdError:
+            raise
+        except OSError as exc:
+            raise SpoolError(f"{qid}: cannot remove: {exc}") from exc
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def ids(self) -> list[str]:
+        """Committed queue ids (those with an envelope), in arrival order."""
+        try:
+            names = os.listdir(self._queue_dir)
+        except OSError as exc:
+            raise SpoolError(f"cannot list {self._queue_dir}: {exc}") from exc
+        return sorted(n[:-len(ENV_SUFFIX)] for n in names
+                      if n.endswith(ENV_SUFFIX) and valid_queue_id(n[:-len(ENV_SUFFIX)]))
+
+    def exists(self, qid: str) -> bool:
+        return valid_queue_id(qid) and os.path.exists(self._path(QUEUE, qid, ENV_SUFFIX))
+
+    def load(self, qid: str) -> Envelope:
+        """Read an envelope; an unreadable record, or one without its body, moves to ``corrupt/``."""
+        env_path = self._path(QUEUE, qid, ENV_SUFFIX)
+        try:
+            with open(env_path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise QueueIdError(f"{qid}: no such message") from None
+        except OSError as exc:
+            raise SpoolError(f"{qid}: cannot read envelope: {exc}") from exc
+        env, problem = self._check_record(qid, raw)
+        if env is not None:
+            return env
+        if not os.path.exists(env_path):
+            raise QueueIdError(f"{qid}: no such message")  # removed while we looked
+        self._quarantine(qid, problem)
+        raise SpoolError(f"{qid}: {problem}; moved to {CORRUPT}/")
+
+    def _check_record(self, qid: str, raw: bytes) -> tuple[Envelope | None, str]:
+        """(envelope, "") for a sound record, else (None, what is wrong with it)."""
+        try:
+            env = Envelope.from_json(raw.decode("utf-8"))
+        except ValueError as exc:  # includes JSON and UTF-8 decoding errors
+            return None, f"unreadable envelope ({exc})"
+        if env.queue_id != qid:
+            return None, f"envelope names queue id {env.queue_id!r}"
+        if not os.path.exists(self._path(QUEUE, qid, BODY_SUFFIX)):
+            return None, "envelope without body"
+        return env, ""
+
+    def body_path(self, qid: str) -> str:
+        return self._path(QUEUE, qid, BODY_SUFFIX)
+
+    def open_body(self, qid: str) -> BinaryIO:
+        try:
+            return open(self.body_path(qid), "rb")
+        except FileNotFoundError:
+            raise QueueIdError(f"{qid}: no such message") from None
+        except OSError as exc:
+            raise SpoolError(f"{qid}: cannot open body: {exc}") from exc
+
+    def body_size(self, qid: str) -> int:
+        try:
+            return os.stat(self.body_path(qid)).st_size
+        except FileNotFoundError:
+            raise QueueIdError(f"{qid}: no such message") from None
+
+    def free_space(self) -> int:
+        """Bytes available to unprivileged users on the spool's file system."""
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
+
+    # -- locking --------------------------------------------------------------------------------------
+
+    def lock(self, qid: str, timeout: float | None = None) -> SpoolLock:
+        """Exclusive lock on one message; blocks (at most ``timeout`` seconds, then ``SpoolError``)."""
+        lk = SpoolLock(self, qid)
+        if timeout is not None and not lk.acquire(timeout=timeout):
+            raise SpoolError(f"{qid}: message is locked (being delivered?)")
+        return lk
+
+    def try_lock(self, qid: str) -> SpoolLock | None:
+        """The lock, already held, or None when someone else holds it; use it as a context manager."""
+        lk = SpoolLock(self, qid)
+        return lk if lk.acquire(blocking=False) else None
+
+    # -- recovery -------------------------------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Clean up after a crash: empty ``tmp/``, quarantine broken records, drop stale lock files.
+
+        Returns the ids moved to ``corrupt/``. Only at daemon start, while nothing else writes.
+        """
+        self._empty_tmp()
+        moved = [qid for qid in self._record_ids() if self._recover_one(qid)]
+        self._prune_locks()
+        if moved:
+            _fsync_dir(self._queue_dir)
+        return moved
+
+    def _empty_tmp(self) -> None:
+        tmp_dir = os.path.join(self.directory, TMP)
+        for name in os.listdir(tmp_dir):
+            log.info("removing unfinished spool file %s", name)
+            _unlink_quietly(os.path.join(tmp_dir, name))
+
+    def _record_ids(self) -> list[str]:
+        ids = set()
+        for name in os.listdir(self._queue_dir):
+            stem, suffix = os.path.splitext(name)
+            if suffix in (ENV_SUFFIX, BODY_SUFFIX) and valid_queue_id(stem):
+                ids.add(stem)
+            else:
+                log.warning("ignoring unexpected file %s in %s", name, self._queue_dir)
+        return sorted(ids)
+
+    def _recover_one(self, qid: str) -> bool:
+        env_path = self._path(QUEUE, qid, ENV_SUFFIX)
+        try:
+            with open(env_path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            self._quarantine(qid, "body without envelope")
+            return True
+        env, problem = self._check_record(qid, raw)
+        if env is not None:
+            return False
+        self._quarantine(qid, problem)
+        return True
+
+    def _prune_locks(self) -> None:
+        lock_dir = os.path.join(self.directory, LOCKS)
+        for name in os.listdir(lock_dir):
+            stem, suffix = os.path.splitext(name)
+            if suffix != LOCK_SUFFIX or not valid_queue_id(stem) or self._record_exists(stem):
+                continue
+            lk = self.try_lock(stem)
+            if lk is not None:
+                lk.release()  # the message is gone, so release unlinks the file
+
+    def _quarantine(self, qid: str, reason: str) -> None:
+        """Move both files of a record to ``corrupt/`` so it never stops the daemon again."""
+        log.error("%s: %s; moving it to %s/", qid, reason, CORRUPT)
+        for suffix in (ENV_SUFFIX, BODY_SUFFIX):  # envelope first, as in remove()
+            try:
+                os.rename(self._path(QUEUE, qid, suffix), self._path(CORRUPT, qid, suffix))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise SpoolError(f"{qid}: cannot move to {CORRUPT}/: {exc}") from exc
+        try:
+            _fsync_dir(os.path.join(self.directory, CORRUPT))
+            self._sync_queue_dir()
+        except OSError as exc:
+            log.warning("%s: cannot fsync after moving to %s/: %s", qid, CORRUPT, exc)
+
+    def corrupt_ids(self) -> list[str]:
+        names = os.listdir(os.path.join(self.directory, CORRUPT))
+        return sorted({os.path.splitext(n)[0] for n in names if valid_queue_id(os.path.splitext(n)[0])})
+
+
+class SpoolWriter:
+    """A message being received: ``write`` streams the body into ``tmp/``, ``commit`` makes it durable.
+
+    Use as a context manager: leaving the block without ``commit`` (an exception included) aborts.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self.size = 0
+        self.queue_id, fd = self._allocate()
+        self._tmp_path = spool._path(TMP, self.queue_id, BODY_SUFFIX)
+        self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+        self._committed = False
+
+    def _allocate(self) -> tuple[str, int]:
+        """A fresh id whose temp file we created with O_EXCL (so no other thread or process has it)."""
+        for _ in range(_ALLOCATE_TRIES):
+            qid = new_queue_id()
+            path = self._spool._path(TMP, qid, BODY_SUFFIX)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise SpoolError(f"cannot create spool file: {exc}") from exc
+            # The same id may have been committed already (its temp file is gone): never reuse it.
+            if not self._spool._record_exists(qid):
+                return qid, fd
+            os.close(fd)
+            _unlink_quietly(path)
+        raise SpoolError("cannot allocate a queue id")
+
+    def write(self, data: bytes) -> None:
+        if self._file is None:
+            raise SpoolError(f"{self.queue_id}: write after commit or abort")
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self.abort()
+            raise SpoolError(f"{self.queue_id}: cannot write message: {exc}") from exc
+        self.size += len(data)
+
+    def commit(self, env: Envelope) -> None:
+        """Make body and envelope durable; only after this returns may the server answer 250."""
+        if env.queue_id != self.queue_id:
+            raise ValueError(f"envelope queue id {env.queue_id!r} is not the writer's {self.queue_id!r}")
+        if self._file is None:
+            raise SpoolError(f"{self.queue_id}: commit after commit or abort")
+        spool = self._spool
+        body_dst = spool._path(QUEUE, self.queue_id, BODY_SUFFIX)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._close()
+            os.rename(self._tmp_path, body_dst)
+            spool._install_env(env)
+            spool._sync_queue_dir()
+        except OSError as exc:
+            self._undo()
+            raise SpoolError(f"{self.queue_id}: cannot store message: {exc}") from exc
+        self._committed = True
+        log.debug("%s: committed %d bytes", self.queue_id, self.size)
+
+    def abort(self) -> None:
+        """Forget the message; idempotent, and a no-op after a successful commit."""
+        if self._committed:
+            return
+        self._undo()
+
+    def _close(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()
+
+    def _undo(self) -> None:
+        try:
+            self._close()
+        except OSError:
+            pass  # the buffered data could not be flushed: we are throwing it away anyway
+        spool = self._spool
+        # Envelope before body, so even a crash in here never leaves an envelope without its body.
+        for path in (spool._path(QUEUE, self.queue_id, ENV_SUFFIX), spool._path(QUEUE, self.queue_id, BODY_SUFFIX),
+                     self._tmp_path):
+            _unlink_quietly(path)
+
+    def __enter__(self):  # returns self
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self._committed:
+            self.abort()

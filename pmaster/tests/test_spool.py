@@ -1,0 +1,448 @@
+"""Tests for pmaster.spool: durable records, group commit, locks, recovery (real files in tmp_path)."""
+
+import itertools
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pmaster.envelope import Envelope, Recipient
+from pmaster.errors import QueueIdError, SpoolError
+from pmaster.spool import GroupSync, Spool, new_queue_id, valid_queue_id
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+JOIN_TIMEOUT = 30
+
+
+def make_env(qid, sender="alice@example.org", **kw):
+    rcpt = Recipient(address="bob@example.net", original="bob@example.net", mailer="relay", target="relay()")
+    return Envelope(queue_id=qid, sender=sender, recipients=[rcpt], arrival=time.time(), **kw)
+
+
+def store(spool, body=b"Subject: hi\r\n\r\nhello\r\n", **kw):
+    with spool.writer() as w:
+        w.write(body)
+        env = make_env(w.queue_id, size=len(body), **kw)
+        w.commit(env)
+    return env
+
+
+def listing(spool, sub):
+    return sorted(os.listdir(os.path.join(spool.directory, sub)))
+
+
+def run_python(code, *args, timeout=30):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-B", "-c", code] + [str(a) for a in args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_threads(target, count):
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(JOIN_TIMEOUT)
+    assert not any(t.is_alive() for t in threads)
+
+
+# -- layout -------------------------------------------------------------------------------------------
+
+def test_spool_creates_private_subdirectories(tmp_path):
+    spool = Spool(str(tmp_path / "spool"))
+    for sub in ("tmp", "queue", "corrupt", "locks"):
+        assert os.stat(os.path.join(spool.directory, sub)).st_mode & 0o777 == 0o700
+
+
+def test_spool_refuses_unknown_format_version(tmp_path):
+    Spool(str(tmp_path))
+    (tmp_path / "VERSION").write_text("99\n")
+    with pytest.raises(SpoolError, match="format"):
+        Spool(str(tmp_path))
+
+
+def test_free_space_reports_available_bytes(tmp_path):
+    st = os.statvfs(str(tmp_path))
+    assert abs(Spool(str(tmp_path)).free_space() - st.f_bavail * st.f_frsize) < 64 * 1024 * 1024
+
+
+# -- queue ids ----------------------------------------------------------------------------------------
+
+def test_queue_ids_are_file_name_safe_and_time_prefixed():
+    before = "%013X" % (time.time_ns() // 1000)
+    qid = new_queue_id()
+    assert valid_queue_id(qid) and qid.isalnum() and qid == qid.upper()
+    assert qid[:13] >= before
+
+
+def test_queue_ids_sort_by_creation():
+    ids = [new_queue_id() for _ in range(500)]
+    assert ids == sorted(ids)
+
+
+def test_queue_ids_unique_across_threads():
+    per_thread = [[] for _ in range(8)]
+
+    def make(i):
+        per_thread[i].extend(new_queue_id() for _ in range(250))
+
+    run_threads(make, 8)
+    everything = [q for ids in per_thread for q in ids]
+    assert len(set(everything)) == 2000
+    assert all(ids == sorted(ids) for ids in per_thread)
+
+
+def test_invalid_queue_id_is_a_queue_id_error(tmp_path):
+    spool = Spool(str(tmp_path))
+    for bad in ("../../etc/passwd", "abc", "0123456789ABCDEF\n", ""):
+        with pytest.raises(QueueIdError):
+            spool.load(bad)
+
+
+# -- writing ------------------------------------------------------------------------------------------
+
+def test_commit_makes_message_visible_and_round_trips(tmp_path):
+    spool = Spool(str(tmp_path))
+    body = b"Subject: x\r\n\r\n" + b"line\r\n" * 1000
+    env = store(spool, body, helo="mx.example", extra={"k": [1, 2]})
+    assert spool.ids() == [env.queue_id]
+    assert spool.load(env.queue_id) == env
+    with spool.open_body(env.queue_id) as f:
+        assert f.read() == body
+    assert spool.body_size(env.queue_id) == len(body)
+    assert listing(spool, "tmp") == []
+
+
+def test_writer_counts_bytes_written(tmp_path):
+    with Spool(str(tmp_path)).writer() as w:
+        w.write(b"abc")
+        w.write(b"defg")
+        assert w.size == 7
+
+
+def test_ids_are_in_arrival_order(tmp_path):
+    spool = Spool(str(tmp_path))
+    envs = [store(spool) for _ in range(5)]
+    assert spool.ids() == [e.queue_id for e in envs]
+
+
+def test_abort_leaves_nothing(tmp_path):
+    spool = Spool(str(tmp_path))
+    w = spool.writer()
+    w.write(b"data")
+    w.abort()
+    w.abort()
+    assert listing(spool, "tmp") == [] and listing(spool, "queue") == []
+
+
+def test_exception_inside_writer_block_leaves_nothing(tmp_path):
+    spool = Spool(str(tmp_path))
+    with pytest.raises(RuntimeError):
+        with spool.writer() as w:
+            w.write(b"data" * 100000)
+            raise RuntimeError("client went away")
+    assert listing(spool, "tmp") == [] and listing(spool, "queue") == []
+
+
+def test_writer_block_without_commit_leaves_nothing(tmp_path):
+    spool = Spool(str(tmp_path))
+    with spool.writer() as w:
+        w.write(b"data")
+    assert listing(spool, "tmp") == [] and listing(spool, "queue") == []
+
+
+def test_commit_refuses_envelope_of_another_message(tmp_path):
+    spool = Spool(str(tmp_path))
+    with spool.writer() as w:
+        w.write(b"data")
+        with pytest.raises(ValueError):
+            w.commit(make_env(new_queue_id()))
+    assert listing(spool, "queue") == []
+
+
+FSIZE_SCRIPT = r"""
+import resource, signal, sys
+from pmaster.envelope import Envelope, Recipient
+from pmaster.errors import SpoolError
+from pmaster.spool import Spool
+directory, limit, body_kib, pad = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so a too large file gives EFBIG instead of a signal
+spool = Spool(directory)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+w = spool.writer()
+stage = "write"
+try:
+    for _ in range(body_kib):
+        w.write(b"x" * 1023 + b"\n")
+    stage = "commit"
+    rcpt = Recipient(address="b@example.net", original="b@example.net", mailer="relay", target="relay()")
+    w.commit(Envelope(queue_id=w.queue_id, sender="a@example.org", recipients=[rcpt], arrival=0.0,
+                      extra={"pad": "y" * pad}))
+except SpoolError as exc:
+    print("SpoolError", stage, exc)
+    sys.exit(3)
+print("committed")
+"""
+
+
+def test_body_write_failure_raises_spool_error_and_leaves_nothing(tmp_path):
+    proc = run_python(FSIZE_SCRIPT, tmp_path, 16 * 1024, 256, 0)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("SpoolError write"), proc.stdout
+    spool = Spool(str(tmp_path))
+    assert listing(spool, "tmp") == [] and listing(spool, "queue") == []
+
+
+def test_envelope_write_failure_removes_the_body_already_queued(tmp_path):
+    proc = run_python(FSIZE_SCRIPT, tmp_path, 16 * 1024, 8, 64 * 1024)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("SpoolError commit"), proc.stdout
+    spool = Spool(str(tmp_path))
+    assert listing(spool, "tmp") == [] and listing(spool, "queue") == []
+
+
+def test_concurrent_commits_all_land(tmp_path):
+    spool = Spool(str(tmp_path))
+    stored = {}
+    guard = threading.Lock()
+
+    def commit_some(i):
+        for n in range(8):
+            body = (f"thread {i} message {n}\r\n").encode() * 50
+            env = store(spool, body)
+            with guard:
+                stored[env.queue_id] = (env, body)
+
+    run_threads(commit_some, 16)
+    assert spool.ids() == sorted(stored)
+    assert len(stored) == 128
+    for qid, (env, body) in stored.items():
+        assert spool.load(qid) == env
+        with spool.open_body(qid) as f:
+            assert f.read() == body
+    assert listing(spool, "tmp") == []
+
+
+# -- group commit -------------------------------------------------------------------------------------
+
+def test_group_sync_waits_for_a_sync_started_after_the_call():
+    events = itertools.count()
+    started = {}
+    gens = itertools.count(1)
+
+    def slow_sync():
+        started[next(gens)] = next(events)
+        time.sleep(0.005)
+
+    group = GroupSync(slow_sync)
+    checks = []
+    guard = threading.Lock()
+
+    def caller(i):
+        for _ in range(10):
+            entered = next(events)
+            gen = group.sync()
+            with guard:
+                checks.append((entered, gen))
+
+    run_threads(caller, 16)
+    assert len(checks) == 160
+    assert all(started[gen] > entered for entered, gen in checks)
+    assert len(started) < 160  # callers shared syncs
+
+
+def test_group_sync_failure_reaches_its_callers_and_later_syncs_recover():
+    failing = [True]
+
+    def sync():
+        if failing[0]:
+            raise OSError(5, "I/O error")
+
+    group = GroupSync(sync)
+    with pytest.raises(OSError):
+        group.sync()
+    failing[0] = False
+    assert group.sync() == 2
+
+
+def test_spool_without_group_commit_still_commits(tmp_path):
+    spool = Spool(str(tmp_path), group_commit=False)
+    env = store(spool)
+    assert spool.load(env.queue_id) == env
+
+
+# -- save and remove ----------------------------------------------------------------------------------
+
+def test_save_replaces_envelope_without_touching_body(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    body_before = os.stat(spool.body_path(env.queue_id))
+    env_path = os.path.join(spool.directory, "queue", env.queue_id + ".env")
+    env_inode_before = os.stat(env_path).st_ino
+    time.sleep(0.01)
+    env.recipients[0].attempts = 3
+    env.recipients[0].last_reply = "451 4.7.1 try later"
+    with spool.lock(env.queue_id):
+        spool.save(env)
+    body_after = os.stat(spool.body_path(env.queue_id))
+    assert (body_after.st_ino, body_after.st_mtime_ns) == (body_before.st_ino, body_before.st_mtime_ns)
+    assert os.stat(env_path).st_ino != env_inode_before
+    assert spool.load(env.queue_id).recipients[0].attempts == 3
+    assert listing(spool, "tmp") == []
+
+
+def test_save_of_unknown_message_is_a_queue_id_error(tmp_path):
+    spool = Spool(str(tmp_path))
+    with pytest.raises(QueueIdError):
+        spool.save(make_env(new_queue_id()))
+    assert listing(spool, "queue") == []
+
+
+def test_remove_deletes_both_files(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    with spool.lock(env.queue_id):
+        spool.remove(env.queue_id)
+    assert spool.ids() == [] and listing(spool, "queue") == []
+    assert listing(spool, "locks") == []
+    with pytest.raises(QueueIdError):
+        spool.load(env.queue_id)
+    with pytest.raises(QueueIdError):
+        spool.remove(env.queue_id)
+
+
+def test_load_of_unknown_id_is_a_queue_id_error(tmp_path):
+    with pytest.raises(QueueIdError):
+        Spool(str(tmp_path)).load(new_queue_id())
+
+
+# -- corrupt records and recovery ---------------------------------------------------------------------
+
+def test_load_moves_corrupt_envelope_to_corrupt(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    with open(os.path.join(spool.directory, "queue", env.queue_id + ".env"), "w") as f:
+        f.write('{"version": 1, "queue_id": ')
+    with pytest.raises(SpoolError) as info:
+        spool.load(env.queue_id)
+    assert not isinstance(info.value, QueueIdError)
+    assert spool.ids() == [] and listing(spool, "queue") == []
+    assert spool.corrupt_ids() == [env.queue_id]
+    assert listing(spool, "corrupt") == [env.queue_id + ".env", env.queue_id + ".msg"]
+
+
+def test_load_moves_envelope_without_body_to_corrupt(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    os.unlink(spool.body_path(env.queue_id))
+    with pytest.raises(SpoolError, match="without body"):
+        spool.load(env.queue_id)
+    assert spool.corrupt_ids() == [env.queue_id] and spool.ids() == []
+
+
+def test_recover_moves_unreadable_envelope_to_corrupt(tmp_path):
+    spool = Spool(str(tmp_path))
+    good = store(spool)
+    bad = store(spool)
+    with open(os.path.join(spool.directory, "queue", bad.queue_id + ".env"), "wb") as f:
+        f.write(b"\xff\xfe not json")
+    assert spool.recover() == [bad.queue_id]
+    assert spool.ids() == [good.queue_id]
+    assert spool.corrupt_ids() == [bad.queue_id]
+
+
+def test_recover_handles_body_without_envelope_after_crash(tmp_path):
+    spool = Spool(str(tmp_path))
+    good = store(spool)
+    # A crash between renaming the body into queue/ and installing the envelope, with another
+    # message still being written in tmp/.
+    orphan = new_queue_id()
+    with open(spool.body_path(orphan), "wb") as f:
+        f.write(b"never acknowledged\r\n")
+    unfinished = spool.writer()
+    unfinished.write(b"partial")
+    unfinished._file.flush()
+    assert spool.recover() == [orphan]
+    assert spool.ids() == [good.queue_id]
+    assert listing(spool, "tmp") == []
+    assert spool.corrupt_ids() == [orphan]
+    assert spool.load(good.queue_id) == good
+
+
+def test_recover_prunes_stale_lock_files(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    stale = new_queue_id()
+    open(os.path.join(spool.directory, "locks", stale + ".lock"), "w").close()
+    with spool.lock(env.queue_id):
+        assert spool.recover() == []
+    assert listing(spool, "locks") == [env.queue_id + ".lock"]
+
+
+# -- locks --------------------------------------------------------------------------------------------
+
+LOCK_SCRIPT = r"""
+import sys
+from pmaster.spool import Spool
+lk = Spool(sys.argv[1]).try_lock(sys.argv[2])
+print("busy" if lk is None else "free")
+"""
+
+
+def test_lock_excludes_another_process(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    with spool.lock(env.queue_id):
+        assert run_python(LOCK_SCRIPT, tmp_path, env.queue_id).stdout.strip() == "busy"
+    assert run_python(LOCK_SCRIPT, tmp_path, env.queue_id).stdout.strip() == "free"
+
+
+def test_lock_excludes_another_thread(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    outcome = []
+
+    def other(_):
+        outcome.append(spool.try_lock(env.queue_id))
+        try:
+            spool.lock(env.queue_id, timeout=0.1)
+        except SpoolError as exc:
+            outcome.append(exc)
+
+    with spool.lock(env.queue_id):
+        run_threads(other, 1)
+    assert outcome[0] is None and isinstance(outcome[1], SpoolError)
+    lk = spool.try_lock(env.queue_id)
+    assert lk is not None
+    with lk:
+        assert lk.held
+    assert not lk.held
+
+
+def test_lock_waiter_survives_lock_file_removal(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    waiter_holds = threading.Event()
+    done = threading.Event()
+
+    def waiter(_):
+        with spool.lock(env.queue_id):
+            waiter_holds.set()
+            done.wait(JOIN_TIMEOUT)
+
+    first = spool.lock(env.queue_id, timeout=5)
+    thread = threading.Thread(target=waiter, args=(0,))
+    thread.start()
+    time.sleep(0.05)  # let the waiter block on the lock file we are about to unlink
+    spool.remove(env.queue_id)
+    first.release()  # the message is gone: this unlinks the lock file
+    assert waiter_holds.wait(JOIN_TIMEOUT)
+    # The waiter holds a lock on the file at the path, not on the unlinked one.
+    assert spool.try_lock(env.queue_id) is None
+    done.set()
+    thread.join(JOIN_TIMEOUT)
+    assert not thread.is_alive()
+    assert listing(spool, "locks") == []
