@@ -25,10 +25,9 @@ from typing import List, Optional, Set, Tuple
 
 from pmaster import logsetup
 from pmaster.config import Config, load
-from pmaster.envelope import Recipient
-from pmaster.errors import ConfigError, PmasterError, RouteError
+from pmaster.errors import ConfigError, PmasterError
 from pmaster.mailers.dispatch import Mailers
-from pmaster.routing import Router
+from pmaster.routing import bounce_recipients
 from pmaster.scheduler import Scheduler
 from pmaster.smtpd import Listener, Runtime, listen_addresses
 from pmaster.spool import Spool
@@ -68,16 +67,6 @@ class Daemon:
                 for addr in _own_addresses():
                     out.add((addr, port))
         return out
-
-    def route_bounce(self, address: str, config: Config) -> List[Recipient]:
-        """Bounces go by the unnamed [route] table; addresses it has no route for go through relay()."""
-        router = Router(config)
-        try:
-            targets = router.resolve(address, None, local_rcpt_to=("@" not in address))
-        except RouteError:
-            return [Recipient(address=address, original=address, mailer="relay", target="relay()")]
-        return [Recipient(address=t.address, original=address, mailer=t.mailer, target=t.target,
-                          extension=t.extension) for t in targets]
 
     def start(self) -> None:
         config = self.config
@@ -131,7 +120,7 @@ class Daemon:
 
     def launch(self) -> None:
         mailers = Mailers(self.local_addresses)
-        self.scheduler = Scheduler(lambda: self.runtime.config, self.runtime.spool, mailers, self.route_bounce)
+        self.scheduler = Scheduler(lambda: self.runtime.config, self.runtime.spool, mailers, bounce_recipients)
         self.runtime.notify = self.scheduler.notify
         self.scheduler.start()
         for listener in self.listeners:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from pmaster.config import Config, RouteEntry, TargetExpr
-from pmaster.envelope import split_address
+from pmaster.envelope import Recipient, split_address
 from pmaster.errors import Diagnostic, RouteError
 from pmaster.reply import Reply
 
@@ -83,6 +83,7 @@ class _Walk:
     original: str
     extension: str = ""
     path: List[str] = field(default_factory=list)
+    keys: List[str] = field(default_factory=list)  # keys of the entries being expanded, innermost last
 
 
 class Router:
@@ -188,6 +189,7 @@ class Router:
         if marker in walk.path:
             raise _config_error(walk.original, "routing loop at key '%s'" % entry.key)
         walk.path.append(marker)
+        walk.keys.append(entry.key)
         try:
             out: List[Target] = []
             for expr in entry.targets:
@@ -195,6 +197,7 @@ class Router:
             return out
         finally:
             walk.path.pop()
+            walk.keys.pop()
 
     def _target(self, expr: TargetExpr, address: str, table: Optional[str], local_rcpt_to: bool, walk: _Walk,
                 depth: int) -> List[Target]:
@@ -213,10 +216,11 @@ class Router:
 
     def _word(self, word: str, address: str, table: Optional[str], walk: _Walk, depth: int) -> List[Target]:
         lower = word.lower()
-        for key in (lower, lower + "@"):
-            entry = self.lookup(key, table)
-            if entry is not None:
-                return self._entry(entry, word, table, False, walk, depth)
+        entry = self.lookup(lower, table) or self.lookup(lower + "@", table)
+        # A name that refers to the entry naming it (`root root`, `joe@ joe`) means the local user or
+        # mailer of that name, as a self-referencing alias does in sendmail and Postfix: not a loop.
+        if entry is not None and not (walk.keys and walk.keys[-1] == entry.key):
+            return self._entry(entry, word, table, False, walk, depth)
         if word in self.config.pipes:
             return [self._final(address, "pipe", word, walk, name=word)]
         if word in self.config.relays:
@@ -302,3 +306,13 @@ def _open_relay_warnings(config: Config, router: Router) -> List[Diagnostic]:
 def _is_loopback(host: str) -> bool:
     host = host.strip("[]").lower()
     return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def bounce_recipients(address: str, config: Config) -> List[Recipient]:
+    """Where a report to ``address`` goes: the unnamed ``[route]`` table, else ``relay()`` (SPEC 5)."""
+    try:
+        targets = Router(config).resolve(address, None, local_rcpt_to=("@" not in address))
+    except RouteError:
+        return [Recipient(address=address, original=address, mailer="relay", target="relay()")]
+    return [Recipient(address=t.address, original=address, mailer=t.mailer, target=t.target, extension=t.extension)
+            for t in targets]

@@ -354,49 +354,9 @@ class Scheduler:
     # -- bounces
 
     def _bounce(self, env: Envelope, failed: List[Recipient], config: Config, now: float) -> None:
-        if env.to_postmaster:
-            log.error("%s: undeliverable report to postmaster dropped", env.queue_id)
-            return
-        if env.is_bounce or not env.sender:
-            if env.is_bounce:
-                self._bounce_to_postmaster(env, config, now)
-            else:
-                log.info("%s: null sender: no bounce sent", env.queue_id)
-            return
-        body = bounces.build_bounce(env, failed, config.core.hostname, self.spool.body_path(env.queue_id), now)
-        rcpts = self.route_bounce(env.sender, config)
-        qid = self._inject(body, rcpts, now, is_bounce=True, to_postmaster=False)
+        qid = send_bounce(self.spool, env, failed, config, self.route_bounce, now)
         if qid:
-            log.info("%s: sender non-delivery notification: %s", env.queue_id, qid)
-
-    def _bounce_to_postmaster(self, env: Envelope, config: Config, now: float) -> None:
-        try:
-            with self.spool.open_body(env.queue_id) as f:
-                body = f.read()
-        except (OSError, SpoolError) as exc:
-            log.error("%s: cannot read failed report for postmaster: %s", env.queue_id, exc)
-            return
-        rcpts = self.route_bounce("postmaster", config)
-        qid = self._inject(body, rcpts, now, is_bounce=True, to_postmaster=True)
-        if qid:
-            log.info("%s: undeliverable report sent to postmaster: %s", env.queue_id, qid)
-
-    def _inject(self, body: bytes, recipients: List[Recipient], now: float, is_bounce: bool,
-                to_postmaster: bool) -> Optional[str]:
-        if not recipients:
-            log.error("no route for a non-delivery notification; dropped")
-            return None
-        try:
-            with self.spool.writer() as w:
-                w.write(body)
-                env = Envelope(queue_id=w.queue_id, sender="", recipients=recipients, arrival=now,
-                               size=len(body), listener="bounce", is_bounce=is_bounce, to_postmaster=to_postmaster)
-                w.commit(env)
-        except SpoolError as exc:
-            log.error("cannot store a non-delivery notification: %s", exc)
-            return None
-        self.notify(env.queue_id)
-        return env.queue_id
+            self.notify(qid)
 
     def _finish(self, qid: str) -> None:
         lock = self.spool.try_lock(qid)
@@ -410,3 +370,49 @@ class Scheduler:
                 pass
         self._known.pop(qid, None)
 
+
+
+def send_bounce(spool: Spool, env: Envelope, failed: List[Recipient], config: Config, route_bounce: BounceRouter,
+                now: float) -> Optional[str]:
+    """Write the report for ``failed`` into the spool; returns its queue id (None when none is due).
+
+    Never to the null sender; a failed report goes once to the local postmaster, never further (SPEC 5).
+    """
+    if env.to_postmaster:
+        log.error("%s: undeliverable report to postmaster dropped", env.queue_id)
+        return None
+    if env.is_bounce:
+        try:
+            with spool.open_body(env.queue_id) as f:
+                body = f.read()
+        except (OSError, SpoolError) as exc:
+            log.error("%s: cannot read failed report for postmaster: %s", env.queue_id, exc)
+            return None
+        qid = _inject(spool, body, route_bounce("postmaster", config), now, to_postmaster=True)
+        if qid:
+            log.info("%s: undeliverable report sent to postmaster: %s", env.queue_id, qid)
+        return qid
+    if not env.sender:
+        log.info("%s: null sender: no bounce sent", env.queue_id)
+        return None
+    body = bounces.build_bounce(env, failed, config.core.hostname, spool.body_path(env.queue_id), now)
+    qid = _inject(spool, body, route_bounce(env.sender, config), now, to_postmaster=False)
+    if qid:
+        log.info("%s: sender non-delivery notification: %s", env.queue_id, qid)
+    return qid
+
+
+def _inject(spool: Spool, body: bytes, recipients: List[Recipient], now: float, to_postmaster: bool) -> Optional[str]:
+    if not recipients:
+        log.error("no route for a non-delivery notification; dropped")
+        return None
+    try:
+        with spool.writer() as w:
+            w.write(body)
+            env = Envelope(queue_id=w.queue_id, sender="", recipients=recipients, arrival=now, size=len(body),
+                           listener="bounce", is_bounce=True, to_postmaster=to_postmaster)
+            w.commit(env)
+    except SpoolError as exc:
+        log.error("cannot store a non-delivery notification: %s", exc)
+        return None
+    return env.queue_id

@@ -1,0 +1,193 @@
+"""``pmaster queue``: list, show, flush, hold, release, delete and bounce queued messages.
+
+API: ``main(args) -> int`` (argparse namespace from the CLI: ``config``, ``action``, ``id``, ``json``).
+Invariants: works whether or not the daemon runs. Every change is a read-modify-write of the envelope under
+  the message lock, so it never races a delivery's result; the daemon notices the changed record at its next
+  scan (within seconds). ``flush`` leaves held messages alone. Without a daemon, ``flush`` marks messages due
+  now and ``bounce`` writes the report into the spool: both go out when the daemon starts (SPEC 9).
+Errors: an unknown id, a message that stays locked, an unreadable spool: one line, exit 1 (via the CLI).
+"""
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from typing import Dict, List
+
+from pmaster.config import Config, load
+from pmaster.envelope import BOUNCED, PENDING, Envelope
+from pmaster.errors import PmasterError, QueueIdError, SpoolError
+from pmaster.routing import bounce_recipients
+from pmaster.scheduler import send_bounce
+from pmaster.spool import Spool, valid_queue_id
+
+LOCK_WAIT = 30.0
+
+
+def message_state(env: Envelope, now: float) -> str:
+    if env.held:
+        return "hold"
+    due = [r.next_attempt for r in env.recipients if r.state == PENDING]
+    if due and min(due) <= now:
+        return "active"
+    return "deferred"
+
+
+def _iso(ts) -> str:
+    if not ts:
+        return ""
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def as_json(env: Envelope, now: float) -> Dict[str, object]:
+    return {
+        "id": env.queue_id,
+        "state": message_state(env, now),
+        "sender": env.sender,
+        "size": env.size,
+        "arrival": _iso(env.arrival),
+        "recipients": [{
+            "address": r.address,
+            "original": r.original,
+            "mailer": r.target,
+            "state": r.state,
+            "attempts": r.attempts,
+            "last_reply": r.last_reply,
+            "next_attempt": _iso(r.next_attempt) if r.state == PENDING else None,
+        } for r in env.recipients],
+    }
+
+
+def _spool(config: Config) -> Spool:
+    try:
+        return Spool(config.core.spool_directory)
+    except (OSError, SpoolError) as exc:
+        raise PmasterError("cannot open spool %s: %s" % (config.core.spool_directory, exc))
+
+
+def _envelopes(spool: Spool) -> List[Envelope]:
+    out = []
+    for qid in spool.ids():
+        try:
+            out.append(spool.load(qid))
+        except QueueIdError:
+            continue  # delivered and removed while we looked
+        except SpoolError as exc:
+            sys.stderr.write("pmaster: %s: %s (moved to corrupt/)\n" % (qid, exc))
+    return out
+
+
+def cmd_list(spool: Spool, args: argparse.Namespace) -> int:
+    now = time.time()
+    envs = _envelopes(spool)
+    if args.json:
+        print(json.dumps([as_json(e, now) for e in envs], indent=2))
+        return 0
+    if not envs:
+        print("Mail queue is empty")
+        return 0
+    print("%-18s %9s  %-20s  %-8s  %s" % ("Queue ID", "Size", "Arrival", "State", "Sender/Recipients"))
+    for env in envs:
+        print("%-18s %9d  %-20s  %-8s  <%s>" % (env.queue_id, env.size, _iso(env.arrival), message_state(env, now),
+                                               env.sender))
+        for r in env.recipients:
+            extra = " (%s)" % r.last_reply if r.last_reply and r.state != "sent" else ""
+            print("%62s<%s> %s%s" % ("", r.address, r.state, extra))
+    print("-- %d message%s" % (len(envs), "" if len(envs) == 1 else "s"))
+    return 0
+
+
+def cmd_show(spool: Spool, qid: str) -> int:
+    env = spool.load(qid)
+    print(json.dumps(as_json(env, time.time()), indent=2))
+    print()
+    with spool.open_body(qid) as f:
+        for raw in f:
+            if raw in (b"\r\n", b"\n"):
+                break
+            sys.stdout.write(raw.decode("utf-8", "replace").rstrip("\r\n") + "\n")
+    return 0
+
+
+def _change(spool: Spool, qid: str, fn) -> Envelope:
+    if not valid_queue_id(qid) or not spool.exists(qid):
+        raise QueueIdError("no message %s in the queue" % qid)
+    with spool.lock(qid, timeout=LOCK_WAIT):
+        env = spool.load(qid)
+        fn(env)
+        spool.save(env)
+    return env
+
+
+def _flush(env: Envelope) -> None:
+    if env.held:
+        return
+    now = time.time()
+    for r in env.recipients:
+        if r.state == PENDING:
+            r.next_attempt = now
+
+
+def _hold(held: bool):
+    def fn(env: Envelope) -> None:
+        env.held = held
+        if not held:
+            _flush(env)
+    return fn
+
+
+def cmd_bounce(spool: Spool, config: Config, qid: str) -> int:
+    if not valid_queue_id(qid) or not spool.exists(qid):
+        raise QueueIdError("no message %s in the queue" % qid)
+    now = time.time()
+    with spool.lock(qid, timeout=LOCK_WAIT):
+        env = spool.load(qid)
+        failed = [r for r in env.recipients if r.state == PENDING]
+        for r in failed:
+            r.state = BOUNCED
+            r.last_reply = "message returned by the postmaster" + (" (last: %s)" % r.last_reply if r.last_reply else "")
+            r.dsn_status = "5.0.0"
+        spool.save(env)
+        report = send_bounce(spool, env, failed, config, bounce_recipients, now) if failed else None
+        spool.remove(qid)
+    print("%s: bounced %d recipient%s%s" % (qid, len(failed), "" if len(failed) == 1 else "s",
+                                          "; report %s" % report if report else ""))
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    spool = _spool(config)
+    action = args.action
+    if action == "list":
+        return cmd_list(spool, args)
+    qid = getattr(args, "id", None)
+    if qid is not None and not valid_queue_id(qid):
+        raise QueueIdError("no message %s in the queue" % qid)
+    if action == "show":
+        return cmd_show(spool, qid)
+    if action == "flush":
+        ids = [qid] if qid else spool.ids()
+        for one in ids:
+            try:
+                _change(spool, one, _flush)
+            except QueueIdError:
+                if qid:
+                    raise
+        print("flushed %d message%s" % (len(ids), "" if len(ids) == 1 else "s"))
+        return 0
+    if action in ("hold", "release"):
+        _change(spool, qid, _hold(action == "hold"))
+        print("%s: %s" % (qid, "held" if action == "hold" else "released"))
+        return 0
+    if action == "delete":
+        if not spool.exists(qid):
+            raise QueueIdError("no message %s in the queue" % qid)
+        with spool.lock(qid, timeout=LOCK_WAIT):
+            spool.remove(qid)
+        print("%s: deleted" % qid)
+        return 0
+    if action == "bounce":
+        return cmd_bounce(spool, config, qid)
+    raise PmasterError("unknown queue action %r" % action)
