@@ -1,0 +1,660 @@
+"""Tests for the relay mailer and the DNS resolver: real SMTP sinks and a real DNS server on loopback."""
+
+import hashlib
+import logging
+import socket
+import time
+import tracemalloc
+
+import pytest
+import trustme
+
+from pmaster.config import Config, RelayConfig
+from pmaster.dnsresolve import DnsTempError, NoSuchDomain, NullMX, Resolver
+from pmaster.envelope import Envelope, Recipient
+from pmaster.mailers import OK, PERMFAIL, TEMPFAIL, Delivery, relay
+from pmaster.tests.dnsserver import DnsServer
+from pmaster.tests.smtpsink import SmtpSink, tls_server_context
+
+FAST = relay.Timeouts(connect=2, command=3, data_init=3, data_block=3, data_end=3, quit=1)
+BODY = b"Subject: test\r\nFrom: s@src.test\r\n\r\nhello\r\n"
+NO_DNS = Resolver(("127.0.0.1", 9), timeout=1)  # for tests whose hosts are IP literals
+
+
+# -- helpers and fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def fresh_refused_memo(monkeypatch):
+    """Each test gets its own memo: ports are reused between tests of one process."""
+    memo = relay.RefusedHosts()
+    monkeypatch.setattr(relay, "REFUSED", memo)
+    return memo
+
+
+@pytest.fixture
+def refused_port():
+    """A loopback port that refuses connections: bound, never listening, held for the test."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    yield s.getsockname()[1]
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture
+def ca_file(ca, tmp_path):
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+def make_delivery(tmp_path, rcpts, body=BODY, sender="s@src.test", body_type="7BIT", deadline=None):
+    path = tmp_path / "body"
+    path.write_bytes(body)
+    recipients = [Recipient(address=a, original=a, mailer="relay", target="relay()") for a in rcpts]
+    env = Envelope(queue_id="Q1", sender=sender, recipients=recipients, arrival=time.time(),
+                   size=len(body), body_type=body_type)
+    return Delivery("Q1", env, recipients, str(path), Config(path="x"), deadline=deadline)
+
+
+def hostport(sink):
+    return "%s:%d" % sink.address
+
+
+def send(delivery, hosts=None, relay_cfg=None, resolver=NO_DNS, **kw):
+    kw.setdefault("timeouts", FAST)
+    return relay.deliver(delivery, relay_cfg, hosts, resolver, **kw)
+
+
+def statuses(results):
+    return [r.status for r in results]
+
+
+def two_sinks_on_one_port(**second):
+    """Sinks on 127.0.0.1:P and 127.0.0.2:P (MX records cannot carry a port); retried if P is taken."""
+    for _ in range(10):
+        first = SmtpSink().start()
+        try:
+            other = SmtpSink(host="127.0.0.2", port=first.port, **second).start()
+        except OSError:
+            first.close()
+            continue
+        return first, other
+    raise OSError("no common port for two sinks")
+
+
+MX_RECORDS = {
+    "example.test": {"MX": [(20, "mx2.example.test"), (10, "mx1.example.test")]},
+    "mx1.example.test": {"A": ["127.0.0.2"]},
+    "mx2.example.test": {"A": ["127.0.0.1"]},
+    "implicit.test": {"A": ["127.0.0.1"]},
+    "nomail.test": {"MX": [(0, ".")]},
+    "smart.example.test": {"A": ["127.0.0.1"]},
+    "v6.example.test": {"AAAA": ["::1"], "A": ["127.0.0.1"]},
+    "alias.example.test": {"CNAME": "smart.example.test"},
+}
+
+
+@pytest.fixture(scope="module")
+def dns_server():
+    with DnsServer(MX_RECORDS, zones=("test",), timeout_names=("slow.test",),
+                   servfail_names=("broken.test",)) as server:
+        yield server
+
+
+@pytest.fixture
+def resolver(dns_server):
+    return Resolver(dns_server.address, timeout=1)
+
+
+# -- basic delivery -----------------------------------------------------------------------------------
+
+
+def test_delivers_message_and_envelope_to_sink(tmp_path):
+    with SmtpSink() as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test", "b@x.test"]), hosts=(hostport(sink),))
+    assert statuses(results) == [OK, OK]
+    assert results[0].reply.startswith("250 2.0.0")
+    (msg,) = sink.messages
+    assert msg.mail_from == "s@src.test"
+    assert msg.rcpts == ["a@x.test", "b@x.test"]
+    assert msg.data == BODY
+    assert msg.ehlo == "localhost"
+
+
+def test_null_sender_is_sent_as_empty_path(tmp_path):
+    with SmtpSink() as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"], sender=""), hosts=(hostport(sink),))
+    assert statuses(results) == [OK]
+    assert sink.messages[0].mail_from == ""
+    assert "MAIL FROM:<>" in sink.sessions[0].commands[1]
+
+
+def test_one_rejected_recipient_of_three_gets_permfail_with_remote_reply(tmp_path):
+    reply = "550 5.1.1 <b@x.test>: no such user"
+    with SmtpSink(rcpt_replies={"b@x.test": reply}) as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test", "b@x.test", "c@x.test"]), hosts=(hostport(sink),))
+    assert statuses(results) == [OK, PERMFAIL, OK]
+    assert results[1].reply == reply
+    assert results[1].enhanced == "5.1.1"
+    assert sink.messages[0].rcpts == ["a@x.test", "c@x.test"]
+
+
+def test_452_for_one_recipient_defers_only_that_one(tmp_path):
+    with SmtpSink(rcpt_replies={"b@x.test": "452 4.5.3 Too many recipients"}) as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test", "b@x.test"]), hosts=(hostport(sink),))
+    assert statuses(results) == [OK, TEMPFAIL]
+    assert results[1].reply == "452 4.5.3 Too many recipients"
+
+
+def test_451_after_data_gives_tempfail_for_all(tmp_path):
+    with SmtpSink(tempfail_first=1) as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test", "b@x.test"]), hosts=(hostport(sink),))
+    assert statuses(results) == [TEMPFAIL, TEMPFAIL]
+    assert results[0].reply == "451 4.3.0 Try again later"
+    assert sink.messages == []
+
+
+def test_5xx_after_data_gives_permfail_for_accepted_recipients_only(tmp_path):
+    with SmtpSink(data_reply="554 5.7.1 Spam", rcpt_replies={"b@x.test": "450 4.2.0 busy"}) as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test", "b@x.test"]), hosts=(hostport(sink),))
+    assert statuses(results) == [PERMFAIL, TEMPFAIL]
+    assert results[0].reply == "554 5.7.1 Spam"
+
+
+def test_helo_is_used_when_ehlo_gets_5xx(tmp_path):
+    with SmtpSink(ehlo_reply="502 5.5.1 EHLO not implemented") as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+    assert statuses(results) == [OK]
+    assert sink.sessions[0].commands[1].upper().startswith("HELO")
+
+
+def test_helo_name_comes_from_relay_section(tmp_path):
+    with SmtpSink() as sink:
+        cfg = RelayConfig("smart", "smart", addresses=(hostport(sink),), helo_name="out.src.test")
+        send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=cfg)
+    assert sink.messages[0].ehlo == "out.src.test"
+
+
+def test_mail_from_carries_size_and_body_8bitmime(tmp_path):
+    body = "Subject: caf\u00e9\r\n\r\nna\u00efve\r\n".encode("utf-8")
+    with SmtpSink(size_limit=10000) as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"], body=body, body_type="8BITMIME"),
+                       hosts=(hostport(sink),))
+    assert statuses(results) == [OK]
+    assert sink.messages[0].mail_params == ["SIZE=%d" % len(body), "BODY=8BITMIME"]
+    assert sink.messages[0].data == body
+
+
+def test_message_over_advertised_size_is_permfail_552(tmp_path):
+    with SmtpSink(size_limit=10) as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test", "b@x.test"]), hosts=(hostport(sink),))
+    assert statuses(results) == [PERMFAIL, PERMFAIL]
+    assert results[0].reply.startswith("552 5.3.4 ")
+    assert not any(c.upper().startswith("MAIL") for c in sink.sessions[0].commands)
+
+
+# -- host fallback ------------------------------------------------------------------------------------
+
+
+def test_falls_back_to_second_host_when_first_refuses_connection(tmp_path, refused_port, fresh_refused_memo):
+    with SmtpSink() as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=("127.0.0.1:%d" % refused_port, hostport(sink)))
+    assert statuses(results) == [OK]
+    assert fresh_refused_memo.skipped("127.0.0.1", refused_port)
+
+
+def test_falls_back_to_second_host_when_first_greets_421(tmp_path):
+    with SmtpSink(greeting="421 4.3.2 busy") as first, SmtpSink() as second:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(first), hostport(second)))
+    assert statuses(results) == [OK]
+    assert len(second.messages) == 1
+
+
+def test_falls_back_to_second_host_after_4xx_to_mail(tmp_path):
+    with SmtpSink(mail_reply="451 4.3.0 later") as first, SmtpSink() as second:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(first), hostport(second)))
+    assert statuses(results) == [OK]
+    assert first.messages == [] and len(second.messages) == 1
+
+
+def test_falls_back_to_second_host_after_421_to_first_rcpt(tmp_path):
+    with SmtpSink(rcpt_replies={"a@x.test": "421 4.3.2 going down"}) as first, SmtpSink() as second:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(first), hostport(second)))
+    assert statuses(results) == [OK]
+
+
+def test_falls_back_when_first_host_stalls_past_command_timeout(tmp_path):
+    short = relay.Timeouts(connect=2, command=0.5, data_init=3, data_block=3, data_end=3, quit=0.5)
+    with SmtpSink(greeting_delay=2) as first, SmtpSink() as second:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(first), hostport(second)),
+                       timeouts=short)
+    assert statuses(results) == [OK]
+
+
+def test_no_fallback_after_a_recipient_got_its_reply(tmp_path):
+    with SmtpSink(drop_after_rcpt=1) as first, SmtpSink() as second:
+        results = send(make_delivery(tmp_path, ["a@x.test", "b@x.test"]), hosts=(hostport(first), hostport(second)))
+    assert statuses(results) == [TEMPFAIL, TEMPFAIL]
+    assert "lost connection" in results[1].reply
+    assert second.connections == 0
+
+
+def test_every_host_failing_gives_tempfail_with_last_error(tmp_path):
+    with SmtpSink(greeting="421 4.3.2 busy") as first, SmtpSink(greeting="554 5.3.2 no service") as second:
+        results = send(make_delivery(tmp_path, ["a@x.test", "b@x.test"]), hosts=(hostport(first), hostport(second)))
+    assert statuses(results) == [TEMPFAIL, TEMPFAIL]
+    assert results[0].reply.startswith("554 5.3.2 no service")
+    assert results[0].enhanced == "4.3.2"
+
+
+def test_5xx_to_mail_on_last_host_is_permfail(tmp_path):
+    with SmtpSink(greeting="421 4.3.2 busy") as first, SmtpSink(mail_reply="550 5.7.1 sender denied") as second:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(first), hostport(second)))
+    assert statuses(results) == [PERMFAIL]
+    assert results[0].reply.startswith("550 5.7.1 sender denied")
+
+
+def test_refused_host_is_skipped_for_five_minutes_then_retried(tmp_path, monkeypatch):
+    clock = [1000.0]
+    memo = relay.RefusedHosts(now=lambda: clock[0])
+    monkeypatch.setattr(relay, "REFUSED", memo)
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    port = hole.getsockname()[1]
+    results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=("127.0.0.1:%d" % port,))
+    assert statuses(results) == [TEMPFAIL]
+    assert "refused" in results[0].reply.lower()
+    hole.close()
+    with SmtpSink(port=port) as sink:  # the host is back, but the memo still says no
+        clock[0] += 299
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=("127.0.0.1:%d" % port,))
+        assert statuses(results) == [TEMPFAIL]
+        assert sink.connections == 0
+        clock[0] += 2
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=("127.0.0.1:%d" % port,))
+        assert statuses(results) == [OK]
+
+
+def test_relay_section_tries_addresses_in_order(tmp_path, refused_port):
+    with SmtpSink() as sink:
+        cfg = RelayConfig("smart", "smart", addresses=("127.0.0.1:%d" % refused_port, hostport(sink)))
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=cfg)
+    assert statuses(results) == [OK]
+
+
+def test_relay_section_name_uses_address_records_and_port(tmp_path, resolver):
+    with SmtpSink() as sink:
+        cfg = RelayConfig("smart", "smart.example.test", port=sink.port)
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=cfg, resolver=resolver)
+    assert statuses(results) == [OK]
+
+
+def test_inline_host_name_follows_cname_to_addresses(tmp_path, resolver):
+    with SmtpSink() as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=("alias.example.test:%d" % sink.port,),
+                       resolver=resolver)
+    assert statuses(results) == [OK]
+
+
+def test_unknown_smart_host_defers(tmp_path, resolver):
+    results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=("nohost.example.test:25",), resolver=resolver)
+    assert statuses(results) == [TEMPFAIL]
+    assert "not found" in results[0].reply
+
+
+def test_passed_deadline_defers_without_connecting(tmp_path):
+    with SmtpSink() as sink:
+        delivery = make_delivery(tmp_path, ["a@x.test"], deadline=time.monotonic() - 1)
+        results = send(delivery, hosts=(hostport(sink),))
+    assert statuses(results) == [TEMPFAIL]
+    assert sink.connections == 0
+
+
+def test_deadline_during_session_defers(tmp_path):
+    with SmtpSink(greeting_delay=2) as sink:
+        delivery = make_delivery(tmp_path, ["a@x.test"], deadline=time.monotonic() + 0.5)
+        start = time.monotonic()
+        results = send(delivery, hosts=(hostport(sink),))
+    assert statuses(results) == [TEMPFAIL]
+    assert "deadline" in results[0].reply
+    assert time.monotonic() - start < 1.5
+
+
+# -- MX and DNS ---------------------------------------------------------------------------------------
+
+
+def test_mx_delivery_uses_lowest_preference_first(tmp_path, resolver):
+    low, preferred = two_sinks_on_one_port()  # mx1 (pref 10) is 127.0.0.2, mx2 (pref 20) is 127.0.0.1
+    try:
+        results = send(make_delivery(tmp_path, ["a@example.test"]), hosts=(), resolver=resolver, mx_port=low.port)
+    finally:
+        low.close()
+        preferred.close()
+    assert statuses(results) == [OK]
+    assert len(preferred.messages) == 1 and low.messages == []
+
+
+def test_mx_delivery_falls_back_to_next_preference(tmp_path, resolver):
+    low, preferred = two_sinks_on_one_port(greeting="421 4.3.2 busy")
+    try:
+        results = send(make_delivery(tmp_path, ["a@example.test"]), hosts=(), resolver=resolver, mx_port=low.port)
+    finally:
+        low.close()
+        preferred.close()
+    assert statuses(results) == [OK]
+    assert len(low.messages) == 1 and preferred.connections == 1
+
+
+def test_implicit_mx_delivers_to_the_domain_address(tmp_path, resolver):
+    with SmtpSink() as sink:
+        results = send(make_delivery(tmp_path, ["a@implicit.test"]), hosts=(), resolver=resolver, mx_port=sink.port)
+    assert statuses(results) == [OK]
+
+
+def test_null_mx_is_permfail_5_1_10(tmp_path, resolver):
+    results = send(make_delivery(tmp_path, ["a@nomail.test"]), hosts=(), resolver=resolver)
+    assert statuses(results) == [PERMFAIL]
+    assert results[0].enhanced == "5.1.10"
+    assert "null MX" in results[0].reply
+
+
+def test_nxdomain_is_permfail_5_1_2(tmp_path, resolver):
+    results = send(make_delivery(tmp_path, ["a@nowhere.test", "b@nowhere.test"]), hosts=(), resolver=resolver)
+    assert statuses(results) == [PERMFAIL, PERMFAIL]
+    assert results[0].enhanced == "5.1.2"
+
+
+def test_dns_timeout_is_tempfail(tmp_path, resolver):
+    start = time.monotonic()
+    results = send(make_delivery(tmp_path, ["a@slow.test"]), hosts=(), resolver=resolver)
+    assert statuses(results) == [TEMPFAIL]
+    assert results[0].enhanced == "4.4.3"
+    assert time.monotonic() - start < 5
+
+
+def test_mixed_domains_are_grouped_per_domain(tmp_path, resolver):
+    with SmtpSink() as sink:
+        results = send(make_delivery(tmp_path, ["a@implicit.test", "b@nomail.test"]), hosts=(),
+                       resolver=resolver, mx_port=sink.port)
+    assert statuses(results) == [OK, PERMFAIL]
+
+
+def test_resolver_sorts_mx_by_preference(resolver):
+    assert resolver.mx_hosts("Example.Test.") == [(10, "mx1.example.test"), (20, "mx2.example.test")]
+
+
+def test_resolver_gives_implicit_mx_for_name_without_mx(resolver):
+    assert resolver.mx_hosts("implicit.test") == [(0, "implicit.test")]
+
+
+def test_resolver_raises_for_null_mx_nxdomain_timeout_and_servfail(resolver):
+    with pytest.raises(NullMX):
+        resolver.mx_hosts("nomail.test")
+    with pytest.raises(NoSuchDomain):
+        resolver.mx_hosts("nowhere.test")
+    with pytest.raises(DnsTempError):
+        resolver.mx_hosts("slow.test")
+    with pytest.raises(DnsTempError):
+        resolver.addresses("broken.test")
+
+
+def test_resolver_addresses_ipv4_first_and_literals_as_is(resolver):
+    assert resolver.addresses("v6.example.test") == ["127.0.0.1", "::1"]
+    assert resolver.addresses("192.0.2.7") == ["192.0.2.7"]
+    assert resolver.addresses("[::1]") == ["::1"]
+    with pytest.raises(NoSuchDomain):
+        resolver.addresses("nowhere.test")
+
+
+def test_dns_server_answers_over_tcp(dns_server):
+    import dns.message
+    import dns.query
+
+    host, port = dns_server.address
+    answer = dns.query.tcp(dns.message.make_query("mx1.example.test", "A"), host, port=port, timeout=2)
+    assert [rr.address for rr in answer.answer[0]] == ["127.0.0.2"]
+
+
+def test_system_resolver_reads_hosts_file_for_localhost():
+    assert "127.0.0.1" in Resolver(None).addresses("localhost")
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("mx.example.com", ("mx.example.com", 25)),
+    ("mx.example.com:587", ("mx.example.com", 587)),
+    ("[mx.example.com]", ("mx.example.com", 25)),
+    ("[mx.example.com]:2525", ("mx.example.com", 2525)),
+    ("10.0.0.1:26", ("10.0.0.1", 26)),
+    ("[2001:db8::1]:587", ("2001:db8::1", 587)),
+    ("2001:db8::1", ("2001:db8::1", 25)),
+    ("mx.example.com.", ("mx.example.com", 25)),
+])
+def test_parse_host_forms(spec, expected):
+    assert relay.parse_host(spec, 25) == expected
+
+
+@pytest.mark.parametrize("spec", ["", "[::1", "[::1]x", "host:0", "host:99999", "host:no-such-service-x"])
+def test_parse_host_rejects_bad_forms(spec):
+    with pytest.raises(ValueError):
+        relay.parse_host(spec, 25)
+
+
+# -- TLS and AUTH -------------------------------------------------------------------------------------
+
+
+def test_opportunistic_tls_accepts_untrusted_certificate(tmp_path, ca):
+    with SmtpSink(tls_context=tls_server_context(ca, "localhost")) as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+    assert statuses(results) == [OK]
+    assert sink.messages[0].tls is True
+    assert sink.messages[0].ehlo == "localhost"  # EHLO was repeated after STARTTLS
+
+
+def test_opportunistic_tls_handshake_failure_retries_once_in_plain_text(tmp_path):
+    with SmtpSink(broken_tls=True) as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+    assert statuses(results) == [OK]
+    assert sink.connections == 2
+    assert sink.messages[0].tls is False
+
+
+def test_tls_none_never_starts_tls(tmp_path, ca):
+    with SmtpSink(tls_context=tls_server_context(ca, "localhost")) as sink:
+        cfg = RelayConfig("smart", "smart", addresses=(hostport(sink),), tls="none")
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=cfg)
+    assert statuses(results) == [OK]
+    assert sink.messages[0].tls is False
+
+
+def test_required_tls_with_ca_file_delivers(tmp_path, ca, ca_file):
+    with SmtpSink(tls_context=tls_server_context(ca, "127.0.0.1")) as sink:
+        cfg = RelayConfig("smart", "smart", addresses=(hostport(sink),), tls="required", tls_ca_file=ca_file)
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=cfg)
+    assert statuses(results) == [OK]
+    assert sink.messages[0].tls is True
+
+
+def test_required_tls_verifies_host_name_from_dns(tmp_path, ca, ca_file, resolver):
+    with SmtpSink(tls_context=tls_server_context(ca, "smart.example.test")) as sink:
+        cfg = RelayConfig("smart", "smart.example.test", port=sink.port, tls="required", tls_ca_file=ca_file)
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=cfg, resolver=resolver)
+    assert statuses(results) == [OK]
+
+
+def test_required_tls_without_trusted_ca_defers(tmp_path, ca):
+    with SmtpSink(tls_context=tls_server_context(ca, "127.0.0.1")) as sink:
+        cfg = RelayConfig("smart", "smart", addresses=(hostport(sink),), tls="required")
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=cfg)
+    assert statuses(results) == [TEMPFAIL]
+    assert results[0].enhanced == "4.7.5"
+    assert sink.transactions == []
+
+
+def test_required_tls_with_wrong_host_name_defers(tmp_path, ca, ca_file):
+    with SmtpSink(tls_context=tls_server_context(ca, "other.test")) as sink:
+        cfg = RelayConfig("smart", "smart", addresses=(hostport(sink),), tls="required", tls_ca_file=ca_file)
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=cfg)
+    assert statuses(results) == [TEMPFAIL]
+    assert sink.transactions == []
+
+
+def test_required_tls_not_offered_defers(tmp_path, ca_file):
+    with SmtpSink() as sink:
+        cfg = RelayConfig("smart", "smart", addresses=(hostport(sink),), tls="required", tls_ca_file=ca_file)
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=cfg)
+    assert statuses(results) == [TEMPFAIL]
+    assert "STARTTLS" in results[0].reply
+
+
+def test_required_tls_failure_moves_to_next_host(tmp_path, ca, ca_file):
+    with SmtpSink() as plain, SmtpSink(tls_context=tls_server_context(ca, "127.0.0.1")) as secure:
+        cfg = RelayConfig("smart", "smart", addresses=(hostport(plain), hostport(secure)), tls="required",
+                          tls_ca_file=ca_file)
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=cfg)
+    assert statuses(results) == [OK]
+    assert secure.messages[0].tls is True
+
+
+def auth_relay(tmp_path, sink, password="s3cret pw", **kw):
+    pwfile = tmp_path / "password"
+    pwfile.write_text(password + "\nignored second line\n")
+    return RelayConfig("smart", "smart", addresses=(hostport(sink),), auth_user="joe",
+                       auth_password_file=str(pwfile), **kw)
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_auth_over_tls_authenticates(tmp_path, ca, mechanism):
+    with SmtpSink(tls_context=tls_server_context(ca, "localhost"), auth_users={"joe": "s3cret pw"},
+                  auth_mechanisms=(mechanism,), require_auth=True) as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=auth_relay(tmp_path, sink))
+    assert statuses(results) == [OK]
+    assert sink.auth_attempts == [(mechanism, "joe", True)]
+    assert sink.messages[0].auth == "joe"
+
+
+def test_auth_without_tls_defers_and_sends_no_credentials(tmp_path):
+    with SmtpSink(auth_users={"joe": "s3cret pw"}, auth_requires_tls=False) as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=auth_relay(tmp_path, sink))
+    assert statuses(results) == [TEMPFAIL]
+    assert "not sending credentials" in results[0].reply
+    assert sink.auth_attempts == []
+    assert not any(c.upper().startswith(("AUTH", "MAIL")) for c in sink.sessions[0].commands)
+
+
+def test_auth_with_tls_none_defers(tmp_path, ca):
+    with SmtpSink(tls_context=tls_server_context(ca, "localhost"), auth_users={"joe": "s3cret pw"},
+                  auth_requires_tls=False) as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=auth_relay(tmp_path, sink, tls="none"))
+    assert statuses(results) == [TEMPFAIL]
+    assert sink.auth_attempts == []
+
+
+def test_auth_after_failed_opportunistic_handshake_defers_without_plain_retry(tmp_path):
+    with SmtpSink(broken_tls=True, auth_users={"joe": "s3cret pw"}, auth_requires_tls=False) as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=auth_relay(tmp_path, sink))
+    assert statuses(results) == [TEMPFAIL]
+    assert sink.connections == 1 and sink.auth_attempts == []
+
+
+def test_rejected_credentials_defer_and_password_is_never_logged(tmp_path, ca, caplog):
+    caplog.set_level(logging.DEBUG)
+    with SmtpSink(tls_context=tls_server_context(ca, "localhost"), auth_users={"joe": "other"}) as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=auth_relay(tmp_path, sink))
+    assert statuses(results) == [TEMPFAIL]
+    assert results[0].reply.startswith("535 5.7.8")
+    assert sink.transactions == []
+    assert "s3cret" not in caplog.text and "s3cret" not in results[0].reply
+
+
+def test_missing_password_file_defers_without_connecting(tmp_path):
+    with SmtpSink() as sink:
+        cfg = RelayConfig("smart", "smart", addresses=(hostport(sink),), auth_user="joe",
+                          auth_password_file=str(tmp_path / "missing"))
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=cfg)
+    assert statuses(results) == [TEMPFAIL]
+    assert sink.connections == 0
+
+
+# -- message text -------------------------------------------------------------------------------------
+
+
+def test_lines_starting_with_a_dot_arrive_intact(tmp_path):
+    body = b".first line\r\nSubject: x\r\n\r\n.\r\n..two dots\r\nmid . dot\r\n.\r\nend"
+    with SmtpSink() as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"], body=body), hosts=(hostport(sink),))
+    assert statuses(results) == [OK]
+    assert sink.messages[0].data == body + b"\r\n"  # a missing final CRLF is added before the dot
+
+
+def test_dot_stuffing_holds_across_chunk_boundaries(tmp_path, monkeypatch):
+    monkeypatch.setattr(relay, "CHUNK", 5)
+    body = b"".join(b"%s.line %d\r\n" % (b"." * (i % 3), i) for i in range(50))
+    with SmtpSink() as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"], body=body), hosts=(hostport(sink),))
+    assert statuses(results) == [OK]
+    assert sink.messages[0].data == body
+
+
+def test_empty_body_is_sent_as_empty_message(tmp_path):
+    with SmtpSink() as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"], body=b""), hosts=(hostport(sink),))
+    assert statuses(results) == [OK]
+    assert sink.messages[0].data == b""
+
+
+def test_8_mib_message_is_streamed_not_loaded(tmp_path):
+    line = b"x" * 998 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * (8 * 1024 * 1024 // len(line))
+    digest = hashlib.sha256(body).hexdigest()
+    delivery = make_delivery(tmp_path, ["a@x.test"], body=body)
+    size = len(body)
+    del body
+    with SmtpSink(keep_data=False) as sink:
+        tracemalloc.start()
+        try:
+            results = send(delivery, hosts=(hostport(sink),))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert statuses(results) == [OK]
+    assert sink.messages[0].size == size and sink.messages[0].sha256 == digest
+    assert peak < 2 * 1024 * 1024
+
+
+# -- mail loops ---------------------------------------------------------------------------------------
+
+
+def test_destination_that_is_our_listener_defers_as_mail_loop(tmp_path):
+    with SmtpSink() as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),),
+                       local_addresses=lambda: {("127.0.0.1", sink.port)})
+    assert statuses(results) == [TEMPFAIL]
+    assert "loops back to myself" in results[0].reply
+    assert sink.connections == 0
+
+
+def test_wildcard_listener_on_same_port_is_a_mail_loop(tmp_path, resolver):
+    with SmtpSink() as sink:
+        results = send(make_delivery(tmp_path, ["a@implicit.test"]), hosts=(), resolver=resolver,
+                       mx_port=sink.port, local_addresses=lambda: {("0.0.0.0", sink.port)})
+    assert statuses(results) == [TEMPFAIL]
+    assert "loops back to myself" in results[0].reply
+    assert sink.connections == 0
+
+
+def test_listener_on_another_port_is_not_a_loop(tmp_path):
+    with SmtpSink() as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),),
+                       local_addresses=lambda: {("0.0.0.0", sink.port + 1 if sink.port < 65535 else 1)})
+    assert statuses(results) == [OK]
+
+
+def test_deliver_needs_exactly_one_of_relay_and_hosts(tmp_path):
+    with pytest.raises(ValueError):
+        relay.deliver(make_delivery(tmp_path, ["a@x.test"]), None, None, NO_DNS)
