@@ -147,7 +147,8 @@ def test_inline_pipe_gets_envelope_and_minimal_environment(tmp_path, monkeypatch
     assert env["QUEUE_ID"] == "Q123"
     assert env["RCPT_DOMAIN"] == "a.example b.example"
     assert env["EXTENSION"] == "news "
-    assert (env["PATH"], env["HOME"], env["SHELL"]) == ("/usr/bin:/bin", "/", "/bin/sh")
+    assert (env["PATH"], env["HOME"], env["SHELL"]) == (pipe.SAFE_PATH, "/", "/bin/sh")
+    assert env["PATH"].endswith("/usr/bin:/bin")
     assert "PMASTER_TEST_SECRET" not in env
 
 
