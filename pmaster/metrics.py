@@ -1,0 +1,161 @@
+"""Prometheus metrics: every metric defined here, served on ``[metrics] listen-port`` at ``/metrics``.
+
+API:
+  ``Metrics(runtime_sessions, spool_source)``: owns a private ``CollectorRegistry``; ``count(what, listener,
+     *labels)`` is the SMTP side's hook, ``delivery(mailer, result, seconds)`` the scheduler's.
+  ``MetricsServer(metrics, listen)``: a small threaded HTTP server; ``start()`` / ``stop()``.
+  ``parse_listen(text) -> (host, port)``: a bare port binds 127.0.0.1 (metrics stay on loopback unless asked).
+Invariants: ``pmaster_`` prefix, base units, ``_total`` / ``_seconds`` / ``_bytes`` suffixes, labels from small
+  fixed sets (listener, mailer, result, reason, state), never an address. Queue size by state and the oldest
+  message's age are collected at scrape time from the spool, so they are right even after a restart.
+"""
+
+import http.server
+import logging
+import socket
+import threading
+import time
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import MetricsHandler
+
+from pmaster.envelope import PENDING
+from pmaster.errors import PmasterError, SpoolError
+from pmaster.spool import Spool
+
+log = logging.getLogger("pmaster.metrics")
+
+REJECTION_REASONS = ("no_route", "routing_error", "size", "bare_newline", "loop", "limit", "policy", "other")
+DELIVERY_RESULTS = ("sent", "deferred", "bounced")
+
+
+class _ScrapeCollector:
+    """Gauges computed when Prometheus scrapes: sessions per listener and the queue by state."""
+
+    def __init__(self, sessions: Callable[[], Dict[str, int]], spool: Callable[[], Optional[Spool]]):
+        self.sessions = sessions
+        self.spool = spool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        active = GaugeMetricFamily("pmaster_smtpd_sessions_active", "SMTP sessions in progress",
+                                   labels=["listener"])
+        for listener, n in sorted(self.sessions().items()):
+            active.add_metric([listener], n)
+        yield active
+        counts, oldest = self._queue()
+        size = GaugeMetricFamily("pmaster_queue_messages", "Messages in the queue by state", labels=["state"])
+        for state in ("active", "deferred", "hold"):
+            size.add_metric([state], counts.get(state, 0))
+        yield size
+        yield GaugeMetricFamily("pmaster_queue_oldest_message_age_seconds",
+                                "Age of the oldest message in the queue (0 when empty)", value=oldest)
+
+    def _queue(self) -> Tuple[Dict[str, int], float]:
+        spool = self.spool()
+        counts: Dict[str, int] = {}
+        oldest = 0.0
+        if spool is None:
+            return counts, oldest
+        now = time.time()
+        for qid in spool.ids():
+            try:
+                env = spool.load(qid)
+            except SpoolError:
+                continue
+            due = [r.next_attempt for r in env.recipients if r.state == PENDING]
+            state = "hold" if env.held else ("active" if due and min(due) <= now else "deferred")
+            counts[state] = counts.get(state, 0) + 1
+            oldest = max(oldest, now - env.arrival)
+        return counts, oldest
+
+
+class Metrics:
+    def __init__(self, sessions: Callable[[], Dict[str, int]] = dict,
+                 spool: Callable[[], Optional[Spool]] = lambda: None):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Counter("pmaster_smtpd_connections", "SMTP connections accepted", ["listener"],
+                                   registry=r)
+        self.messages = Counter("pmaster_messages_received", "Messages accepted (250 after DATA)", ["listener"],
+                                registry=r)
+        self.received_bytes = Counter("pmaster_received_bytes", "Octets of accepted messages", ["listener"],
+                                      registry=r)
+        self.rejections = Counter("pmaster_smtpd_rejections", "Commands or messages refused, by reason",
+                                  ["listener", "reason"], registry=r)
+        self.tls_sessions = Counter("pmaster_smtpd_tls_sessions", "Sessions that completed STARTTLS", ["listener"],
+                                    registry=r)
+        self.deliveries = Counter("pmaster_deliveries", "Delivery attempts per recipient by mailer and result",
+                                  ["mailer", "result"], registry=r)
+        self.delivery_seconds = Histogram("pmaster_delivery_duration_seconds", "Duration of delivery attempts",
+                                          ["mailer"], registry=r,
+                                          buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+        r.register(_ScrapeCollector(sessions, spool))
+
+    def count(self, what: str, listener: str, *labels: str) -> None:
+        if what == "connection":
+            self.connections.labels(listener).inc()
+        elif what == "message":
+            self.messages.labels(listener).inc()
+            if labels and labels[0].isdigit():
+                self.received_bytes.labels(listener).inc(int(labels[0]))
+        elif what == "rejection":
+            reason = labels[0] if labels and labels[0] in REJECTION_REASONS else "other"
+            self.rejections.labels(listener, reason).inc()
+        elif what == "tls":
+            self.tls_sessions.labels(listener).inc()
+
+    def delivery(self, mailer: str, result: str, seconds: float) -> None:
+        mailer = mailer if mailer in ("pipe", "relay") else "other"
+        result = result if result in DELIVERY_RESULTS else "deferred"
+        self.deliveries.labels(mailer, result).inc()
+        self.delivery_seconds.labels(mailer).observe(seconds)
+
+
+def parse_listen(text: str) -> Tuple[str, int]:
+    text = text.strip()
+    host = "127.0.0.1"
+    port_text = text
+    if text.startswith("["):
+        end = text.find("]")
+        host, port_text = text[1:end], text[end + 2:]
+    elif ":" in text:
+        host, port_text = text.rsplit(":", 1)
+    if host in ("*", ""):
+        host = "0.0.0.0"
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise PmasterError("[metrics] listen-port %r: expected PORT or HOST:PORT" % text)
+    return host, int(port_text)
+
+
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request, client_address) -> None:
+        log.warning("metrics request from %s failed", client_address[0])
+
+
+class MetricsServer:
+    def __init__(self, metrics: Metrics, listen: str):
+        host, port = parse_listen(listen)
+        handler = MetricsHandler.factory(metrics.registry)
+        handler.log_message = lambda *a, **k: None  # one line per scrape would drown the mail log
+        cls = _HTTPServer
+        if ":" in host:
+            cls = type("_HTTPServer6", (_HTTPServer,), {"address_family": socket.AF_INET6})
+        try:
+            self.server = cls((host, port), handler)
+        except OSError as exc:
+            raise PmasterError("[metrics] cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc))
+        self.address = self.server.server_address
+        self.thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
