@@ -316,9 +316,17 @@ def _domains(ctx, values) -> Tuple[str, ...]:
 
 def _hostport(ctx, values) -> str:
     v = _one(ctx, values)
-    if split_hostport(v.text) is None:
+    hp = split_hostport(v.text)
+    if hp is None or (hp[1] is not None and hp[1].isdigit() and service_port(hp[1]) is None):
         ctx.fail(v, "expected HOST, HOST:PORT or [IPV6]:PORT, got %r" % v.text)
     return v.text
+
+
+def _port(ctx, values) -> int:
+    v = _one(ctx, values)
+    if not re.fullmatch(r"[0-9]+", v.text) or service_port(v.text) is None:
+        ctx.fail(v, "expected a port number from 1 to 65535, got %r" % v.text)
+    return int(v.text)
 
 
 def _listen(ctx, values) -> Tuple[str, ...]:
@@ -378,7 +386,7 @@ SCHEMA = {
     "pipe": {"exec": _Key(_argv), "max_rcpt_to": _Key(_int_min(1)), "user": _Key(_str), "timeout": _Key(_duration)},
     "relay": {
         "name": _Key(_str), "address": _Key(lambda ctx, vals: (_hostport(ctx, vals),), repeat=True),
-        "port": _Key(_int_min(1)), "tls": _Key(_enum("opportunistic", "required", "none")),
+        "port": _Key(_port), "tls": _Key(_enum("opportunistic", "required", "none")),
         "tls-ca-file": _Key(_path), "auth-user": _Key(_str), "auth-password-file": _Key(_path),
         "helo-name": _Key(_str), "verify-recipients": _Key(_bool, supported=False, default=False),
     },
@@ -425,7 +433,7 @@ def _is_ip(text: str) -> bool:
         try:
             socket.inet_pton(family, text)
             return True
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the text
             pass
     return False
 
@@ -439,6 +447,7 @@ class _Section:
         self.values: Dict[str, Any] = {}
         self.key_pos: Dict[str, Position] = {}
         self.entries: Dict[str, RouteEntry] = {}
+        self.failed: Set[str] = set()  # keys given with a bad value (already reported)
 
 
 class _Loader:
@@ -554,6 +563,7 @@ class _Loader:
             value = spec.conv(ctx, st.values)
         except _ValueError as exc:
             self.error(Position(file, exc.value.line, exc.value.col), exc.message)
+            sec.failed.add(name)  # reported: no second "needs 'exec'" error for the same line
             return
         if not spec.supported and value != spec.default:
             self.error(pos, "'%s' is not supported yet by this version of pmaster" % name)
@@ -616,7 +626,8 @@ class _Loader:
         if hosts == ("",):
             hosts = ()
         for h in hosts:
-            if not h or split_hostport(h) is None or (split_hostport(h)[1] or "0").isdigit() is False:
+            hp = split_hostport(h) if h else None
+            if hp is None or (hp[1] is not None and (not hp[1].isdigit() or service_port(hp[1]) is None)):
                 self.error(pos, "bad host %r in relay(): expected HOST, HOST:PORT or [IPV6]:PORT" % h)
                 return None
         return TargetExpr("relay", hosts, v.text, pos)
@@ -625,6 +636,9 @@ class _Loader:
         pos = Position(file, st.key.line, st.key.col)
         if len(st.values) != 1 or st.values[0].kind == "call":
             self.error(pos, "expected file \"PATH\"")
+            return
+        if "\0" in st.values[0].text:
+            self.error(Position(file, st.values[0].line, st.values[0].col), "a file name cannot contain NUL")
             return
         path = os.path.normpath(os.path.join(basedir, st.values[0].text))
         real = os.path.realpath(path)
@@ -654,7 +668,7 @@ class _Loader:
         syslog = self.build_simple("syslog", SyslogConfig, {})
         logfiles = {s.ident: LogfileConfig(s.ident, s.values.get("file", "")) for s in self.of("logfile")}
         for s in self.of("logfile"):
-            if "file" not in s.values:
+            if "file" not in s.values and "file" not in s.failed:
                 self.error(s.pos, "[logfile %s] needs 'file'" % s.ident)
         smtpd = {s.ident: self.build_smtpd(s) for s in self.of("smtpd")}
         pipes = {s.ident: self.build_pipe(s, core) for s in self.of("pipe")}
@@ -708,15 +722,19 @@ class _Loader:
             if path and not os.path.isfile(path):
                 self.machine_problem(s.key_pos[key], "%s: no such file: %s" % (key, path))
         for text in cfg.listen_ports:
-            host, service = parse_listen(text, _listen_host(s.ident))
-            if service_port(service) is None:
-                self.machine_problem(s.key_pos.get("listen-port", s.pos), "unknown service %r" % service)
+            listen = parse_listen(text, _listen_host(s.ident))
+            if listen is None:
+                self.error(s.pos, "[smtpd %s] needs listen-port: its name is not a host name" % s.ident)
+                continue
+            if service_port(listen[1]) is None:
+                self.machine_problem(s.key_pos.get("listen-port", s.pos), "unknown service %r" % listen[1])
         return cfg
 
     def build_pipe(self, s: _Section, core: CoreConfig) -> PipeConfig:
         values = dict(s.values)
         if "exec" not in values:
-            self.error(s.pos, "[pipe %s] needs 'exec'" % s.ident)
+            if "exec" not in s.failed:
+                self.error(s.pos, "[pipe %s] needs 'exec'" % s.ident)
             values["exec"] = ("/bin/false",)
         cfg = PipeConfig(ident=s.ident, exec=values.pop("exec"), pos=s.pos,
                          **{k.replace("-", "_"): v for k, v in values.items()})
@@ -784,7 +802,7 @@ def _exists(lookup: Callable, name: str) -> bool:
     try:
         lookup(name)
         return True
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a NUL in the name
         return False
 
 

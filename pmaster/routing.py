@@ -10,7 +10,8 @@ Key precedence for ``local@domain`` (first found wins; a named table falls back 
   for each key it lacks): ``local@domain``, then ``base@domain`` for ``base+ext@domain``; ``local@`` (and
   ``base@``) when the domain is ours; ``@domain``; ``@``. A bare name looks up ``name``, then ``name@``.
 Targets: an address or ``@domain`` resolves again; a bare word is a key, then a ``[pipe]``/``[relay]``
-  section, then (with a dot) a host for ``relay(NAME)``, else a local user for ``local-mailer``.
+  section, then (with a dot) a host for ``relay(NAME)``, else a local user for ``local-mailer``. A bare word
+  naming the entry it stands in (``root root``, ``joe@ joe``) skips the key lookup, as a self-referencing alias.
 Errors: no route answers ``550 5.1.1``. A loop or resolution deeper than 20 is a configuration error and
   answers ``451 4.3.0`` (as Postfix defers on its own configuration errors: fixing the file lets the mail in).
   If any target of an entry fails, the whole address fails.

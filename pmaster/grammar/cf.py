@@ -6,7 +6,8 @@ API: ``parse(text, filename) -> (items, diagnostics)``. ``items`` is a list of `
 Invariants: actions only build values; meaning (which keys exist, what a value converts to) belongs to
   ``pmaster.config``. The lexer and parser tables are built once; each ``parse`` call clones the lexer and
   takes the parser lock, so threads may parse concurrently.
-Lexical rules (SPEC section 2): ``#`` or ``//`` at the start of a token begins a comment; ``[`` at the
+Lexical rules (SPEC section 2): ``#`` or ``//`` at the start of a token begins a comment; ``=`` after the
+  key separates it from the value, but inside a value word it is text (``--to=${RCPT_TO}``); ``[`` at the
   start of a line opens a section header (elsewhere it belongs to a word such as ``[::1]:25``); a trailing
   ``,`` continues the statement on the next line, even when a comment follows it; ``relay(...)`` and
   ``pipe(...)`` are single tokens whose parentheses must balance on that line.
@@ -60,7 +61,7 @@ class _Lexer:
 
     t_ignore = " \t\r\f\v"
 
-    _WORD = re.compile(r"(?:[^\s\[\]=,\"()]|\[[^\]\s\[]*\])+")
+    _WORD = re.compile(r"(?:[^\s\[\]=,\"()]|\[[^\]\s\[]*\])(?:[^\s\[\],\"()]|\[[^\]\s\[]*\])*")
     _CALL_NAME = re.compile(r"(?:relay|pipe)\(")
 
     def __init__(self) -> None:
@@ -78,6 +79,7 @@ class _Lexer:
         r",(?:[ \t\r]*(?:(?:\#|//)[^\n]*)?\n)*"
         t.lexer.lineno += t.value.count("\n")
         t.lexer.at_bol = False
+        t.lexer.comma = (t.lexpos, t.lexer.lexpos)  # for p_error: a comma that ends the file
         t.value = ","
         return t
 
@@ -140,7 +142,12 @@ class _Lexer:
         return t
 
     def t_WORD(self, t):
-        r"(?:[^\s\[\]=,\"()]|\[[^\]\s\[]*\])+"
+        r"(?:[^\s\[\]=,\"()]|\[[^\]\s\[]*\])(?:[^\s\[\],\"()]|\[[^\]\s\[]*\])*"
+        # '=' inside a value word is text (exec = /usr/bin/deliver --to=${RCPT_TO}); in the key, the first
+        # word of a line, it separates the key from the value (workers=5).
+        if t.lexer.at_bol and "=" in t.value:
+            t.value = t.value[:t.value.index("=")]
+            t.lexer.lexpos = t.lexpos + len(t.value)
         t.lexer.at_bol = False
         return t
 
@@ -270,6 +277,10 @@ class _Grammar:
     def p_error(self, t):
         state = self.state
         if t is None:
+            start, end = state.lexer.comma
+            if start >= 0 and not state.data[end:].strip():
+                state.error_at(start, "expected a value after ','")  # the continued line never came
+                return
             state.error_at(len(state.data), "unexpected end of file")
             return
         if t.type == "BAD":
@@ -296,8 +307,9 @@ class _Grammar:
 
 
 class _ParseState:
-    def __init__(self, data: str, filename: str, diagnostics: List[Diagnostic]):
+    def __init__(self, data: str, filename: str, diagnostics: List[Diagnostic], lexer=None):
         self.data = data
+        self.lexer = lexer
         self.filename = filename
         self.items: List[Item] = []
         self.diagnostics = diagnostics
@@ -344,9 +356,10 @@ def parse(text: str, filename: str) -> Tuple[List[Item], List[Diagnostic]]:
         lexer.lineno = 1
         lexer.at_bol = True
         lexer.in_header = False
+        lexer.comma = (-1, -1)
         lexmod.diagnostics = diagnostics
         lexmod.filename = filename
-        state = _ParseState(text, filename, diagnostics)
+        state = _ParseState(text, filename, diagnostics, lexer)
         gram.state = state
         try:
             parser.parse(text, lexer=lexer)
