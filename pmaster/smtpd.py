@@ -11,8 +11,13 @@ Invariants:
     ``Reply``. Replies to pipelined commands are written in order and flushed once per batch (RFC 2920).
   - 250 after DATA only after ``SpoolWriter.commit`` returned (file and directory fsynced); a storage
     failure answers 452 4.3.1 and leaves nothing behind (SPEC 4).
+  - The spool file is opened before 354 (a spool that cannot take one refuses DATA with 452 4.3.1), and a
+    DATA body is always read to its final dot, whatever fails while storing it, so no body line is ever
+    taken for a command. A session that ends mid-DATA leaves nothing in the spool.
   - A session never takes the daemon down: any exception is logged and answered with 421.
 Threading: one thread per session; sessions share only ``Runtime``, whose config snapshot is read-only.
+Errors: ``listen_addresses`` and ``Listener`` raise ``PmasterError`` with one line naming the section and the
+  address (unknown service, unresolvable host, port in use); the CLI prints it and exits non-zero.
 """
 
 import email.utils
@@ -37,6 +42,8 @@ from pmaster.spool import Spool
 log = logging.getLogger("pmaster.smtpd")
 
 MAX_ERRORS = 10
+# SPEC 4: answered 502 5.5.1 whatever their arguments (VRFY has its own answer, 252).
+NOT_IMPLEMENTED_VERBS = frozenset(("HELP", "TURN", "SEND", "SOML", "SAML", "EXPN"))
 MAX_RECEIVED = 50
 HEADER_SNIFF_LIMIT = 64 * 1024
 
@@ -126,7 +133,13 @@ def listen_addresses(smtpd: SmtpdConfig) -> List[Tuple[int, tuple, str]]:
     """Resolve every ``listen-port`` of a section; raises PmasterError naming what cannot be resolved."""
     out: List[Tuple[int, tuple, str]] = []
     for text in smtpd.listen_ports:
-        host, service = parse_listen(text, "[%s]" % smtpd.ident if ":" in smtpd.ident else smtpd.ident)
+        parsed = parse_listen(text, "[%s]" % smtpd.ident if ":" in smtpd.ident else smtpd.ident)
+        if parsed is None:
+            raise PmasterError("[smtpd %s] listen-port %s: expected PORT, HOST:PORT or [IPV6]:PORT"
+                               % (smtpd.ident, text))
+        host, service = parsed
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]  # a bare port on an IPv6 ident ([smtpd "::1"]) comes back bracketed
         port = service_port(service)
         if port is None:
             raise PmasterError("[smtpd %s] listen-port %s: unknown service %r" % (smtpd.ident, text, service))
@@ -281,6 +294,8 @@ class Session:
 
     def _dispatch(self, raw: bytes) -> Reply:
         text = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        if text.split(" ", 1)[0].upper() in NOT_IMPLEMENTED_VERBS:
+            return R.NOT_IMPLEMENTED  # "EXPN" without an argument too: 502 says more than a syntax error
         try:
             cmd = parse_command(text)
             handler = getattr(self, "do_" + cmd.verb.lower(), None)
@@ -420,41 +435,51 @@ class Session:
             raise SmtpError(R.NEED_MAIL)
         if not self.tx.recipients:
             raise SmtpError(R.NEED_RCPT)
-        self._send(R.START_DATA)
+        # Open the spool file before 354: a spool that cannot take a file refuses DATA itself, so the
+        # client never sends a body that we would have to read as commands.
+        try:
+            writer = self.runtime.spool.writer()
+        except SpoolError as exc:
+            self.log.error("cannot store message from [%s]: %s", self.client_address, exc)
+            self.tx = _Transaction()
+            return R.STORAGE_FAILED
         self.in_data = True
         try:
-            return self._receive()
+            self._send(R.START_DATA)
+            return self._receive(writer)
+        except BaseException:
+            writer.abort()  # a session that dies mid-DATA leaves nothing in the spool
+            raise
         finally:
             self.in_data = False
             self.tx = _Transaction()
 
-    def _receive(self) -> Reply:
+    def _receive(self, writer) -> Reply:
         config = self.runtime.config
         smtpd = config.smtpd.get(self.ident, self.smtpd)
-        writer = self.runtime.spool.writer()
+        qid = writer.queue_id
+        # A failing write must not stop the reading: the body has to be read to its final dot whatever
+        # happens, or its lines would be taken for commands (SPEC 4: 452 4.3.1 and nothing left behind).
+        sink = _SafeSink(writer.write)
+        sink.write(self._received_header(qid, smtpd).encode("utf-8", "replace"))
+        fixer = _HeaderFixer(sink.write, qid, config.core.hostname, smtpd.local_rcpt_to)
+        result = self.channel.read_data(fixer.write, smtpd.max_message_size, smtpd.bare_newline)
+        fixer.close()
+        problem = self._data_problem(result, smtpd)
+        if problem is not None:
+            writer.abort()
+            self.log.info("%s: reject from [%s]: %s", qid, self.client_address, problem)
+            return problem
+        error = sink.error or result.sink_error
         try:
-            qid = writer.queue_id
-            writer.write(self._received_header(qid, smtpd).encode("utf-8", "replace"))
-            sink = _HeaderFixer(writer.write, qid, config.core.hostname, smtpd.local_rcpt_to)
-            result = self.channel.read_data(sink.write, smtpd.max_message_size, smtpd.bare_newline)
-            if result.sink_error is None:
-                sink.close()
-            problem = self._data_problem(result, smtpd)
-            if problem is not None:
-                writer.abort()
-                self.log.info("%s: reject from [%s]: %s", qid, self.client_address, problem)
-                return problem
-            if result.sink_error is not None:
-                raise SpoolError(str(result.sink_error))
+            if error is not None:
+                raise SpoolError(str(error))
             env = self._envelope(qid, writer.size, smtpd)
             writer.commit(env)
         except SpoolError as exc:
             writer.abort()
-            self.log.error("cannot store message from [%s]: %s", self.client_address, exc)
+            self.log.error("%s: cannot store message from [%s]: %s", qid, self.client_address, exc)
             return R.STORAGE_FAILED
-        except BaseException:
-            writer.abort()
-            raise
         self.log.info("%s: from=<%s> size=%d nrcpt=%d client=[%s] helo=%s%s", qid, env.sender, env.size,
                       len(env.recipients), self.client_address, self.helo,
                       " tls=%s" % self.channel.tls.split()[0] if self.channel.tls else "")
@@ -533,6 +558,22 @@ class Session:
 
 def _header_safe(text: str) -> str:
     return "".join(c if c >= " " and c != "\x7f" else "?" for c in text)[:200]
+
+
+class _SafeSink:
+    """Forwards writes until the first failure, then drops them and keeps the error for the end of DATA."""
+
+    def __init__(self, write: Callable[[bytes], object]):
+        self._write = write
+        self.error: Optional[Exception] = None
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        try:
+            self._write(data)
+        except (SpoolError, OSError) as exc:
+            self.error = exc
 
 
 class _HeaderFixer:
