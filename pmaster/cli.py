@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 from pmaster import __version__
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    if not sys.warnoptions:
+        # A library's deprecation notice (cryptography on an old Python) is not a line for mail admins.
+        warnings.simplefilter("ignore")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "deliver":
         return cmd_deliver(argv[1:])

@@ -356,6 +356,14 @@ def _argv(ctx, values) -> Tuple[str, ...]:
     return words
 
 
+def _metrics_listen(ctx, values) -> str:
+    v = _one(ctx, values)
+    hp = split_hostport(v.text) if not v.text.isdigit() else ("127.0.0.1", v.text)
+    if hp is None or hp[1] is None or not hp[1].isdigit() or service_port(hp[1]) is None:
+        ctx.fail(v, "expected PORT or HOST:PORT (a bare port binds 127.0.0.1), got %r" % v.text)
+    return v.text
+
+
 def _policy(ctx, values) -> Tuple[str, ...]:
     return _words(ctx, values)
 
@@ -390,7 +398,7 @@ SCHEMA = {
         "tls-ca-file": _Key(_path), "auth-user": _Key(_str), "auth-password-file": _Key(_path),
         "helo-name": _Key(_str), "verify-recipients": _Key(_bool, supported=False, default=False),
     },
-    "metrics": {"listen-port": _Key(_str, supported=False)},
+    "metrics": {"listen-port": _Key(_metrics_listen)},
     "webadmin": {"listen-port": _Key(_str, supported=False), "password-file": _Key(_path, supported=False)},
 }
 
@@ -526,7 +534,7 @@ class _Loader:
         if kind in SINGLETON_KINDS and h.ident:
             self.error(Position(self.path, h.line, h.ident_col), "[%s] takes no name" % kind)
         ident = h.ident if kind not in SINGLETON_KINDS else None
-        if kind in ("metrics", "webadmin"):
+        if kind == "webadmin":
             self.error(pos, "[%s] is not supported yet" % kind)
         return self.open_section(kind, ident, pos, basedir)
 
@@ -676,8 +684,10 @@ class _Loader:
         routes = {s.ident: RouteTable(s.ident, dict(s.entries), s.pos) for s in self.of("route")}
         if core.local_mailer == "procmail" and "procmail" not in pipes and "procmail" not in relays:
             pipes["procmail"] = PipeConfig("procmail", DEFAULT_PROCMAIL, max_rcpt_to=1)
+        metrics_sec = self.section("metrics")
+        metrics = MetricsConfig(metrics_sec.values.get("listen-port")) if metrics_sec else None
         config = Config(path=os.path.abspath(self.path), core=core, syslog=syslog, logfiles=logfiles, smtpd=smtpd,
-                        pipes=pipes, relays=relays, routes=routes)
+                        pipes=pipes, relays=relays, routes=routes, metrics=metrics)
         self.check_references(config)
         return config
 

@@ -214,7 +214,7 @@ class _Grammar:
         p[0] = Command(p[1].upper(), domain=" ".join(text.split()))
 
     @_rule("""command : VRFY text_required
-                      | EXPN text_required
+                      | EXPN text_optional
                       | NOOP text_optional
                       | HELP text_optional
                       | TURN text_optional

@@ -42,6 +42,7 @@ VALID = [
     ("RCPT TO:<a.b-c_d@sub-1.example.org>", "RCPT", "address", "a.b-c_d@sub-1.example.org"),
     ("VRFY joe", "VRFY", "argument", "joe"),
     ("EXPN staff list", "EXPN", "argument", "staff list"),
+    ("EXPN", "EXPN", "argument", None),
     ("NOOP", "NOOP", "argument", None),
     ("NOOP anything at all", "NOOP", "argument", "anything at all"),
     ("HELP", "HELP", "argument", None),
@@ -73,7 +74,7 @@ UNKNOWN = ["", " ", "XYZZY", "MAILFROM:<a@b>", " MAIL FROM:<a@b>", "QUIT.", "\u0
            "AUTH PLAIN AGFiYwBkZWY=", "BDAT 10 LAST"]
 
 BAD_ARGS = [
-    "HELO", "EHLO ", "HELO bad\x01name", "VRFY", "EXPN  ", "DATA now", "RSET x", "QUIT now", "STARTTLS x",
+    "HELO", "EHLO ", "HELO bad\x01name", "VRFY", "DATA now", "RSET x", "QUIT now", "STARTTLS x",
     "MAIL", "MAIL FROM", "MAIL TO:<a@b>", "MAIL FROM <a@b>", "MAIL FROM:<a@b> SIZE=", "MAIL FROM:<a@b> =1",
     "MAIL FROM:<a@b> SIZE=1 SIZE=2", "MAIL FROM:<a@b> -X=1", "MAIL FROM:<a@b> X=\u00e9", "MAIL FROM:<a@b>SIZE=1",
     "RCPT", "RCPT FROM:<a@b>", "RCPT TO <a@b>",
