@@ -54,7 +54,8 @@ def as_json(env: Envelope, now: float) -> Dict[str, object]:
             "state": r.state,
             "attempts": r.attempts,
             "last_reply": r.last_reply,
-            "next_attempt": _iso(r.next_attempt) if r.state == PENDING else None,
+            # A recipient never tried has next_attempt 0: it has been due since arrival.
+            "next_attempt": _iso(max(r.next_attempt, env.arrival)) if r.state == PENDING else None,
         } for r in env.recipients],
     }
 
@@ -156,6 +157,28 @@ def cmd_bounce(spool: Spool, config: Config, qid: str) -> int:
     return 0
 
 
+def cmd_flush(spool: Spool, qid) -> int:
+    """Mark pending recipients due now; held messages stay as they are. One bad record does not stop it."""
+    if qid:
+        env = _change(spool, qid, _flush)
+        print("%s: %s" % (qid, "held: not flushed" if env.held else "flushed"))
+        return 0
+    flushed = 0
+    failed = 0
+    for one in spool.ids():
+        try:
+            env = _change(spool, one, _flush)
+        except QueueIdError:
+            continue  # delivered and removed while we went through the queue
+        except SpoolError as exc:
+            sys.stderr.write("pmaster: %s\n" % exc)
+            failed += 1
+            continue
+        flushed += 0 if env.held else 1
+    print("flushed %d message%s" % (flushed, "" if flushed == 1 else "s"))
+    return 1 if failed else 0
+
+
 def main(args: argparse.Namespace) -> int:
     config = load(args.config)
     spool = _spool(config)
@@ -168,15 +191,7 @@ def main(args: argparse.Namespace) -> int:
     if action == "show":
         return cmd_show(spool, qid)
     if action == "flush":
-        ids = [qid] if qid else spool.ids()
-        for one in ids:
-            try:
-                _change(spool, one, _flush)
-            except QueueIdError:
-                if qid:
-                    raise
-        print("flushed %d message%s" % (len(ids), "" if len(ids) == 1 else "s"))
-        return 0
+        return cmd_flush(spool, qid)
     if action in ("hold", "release"):
         _change(spool, qid, _hold(action == "hold"))
         print("%s: %s" % (qid, "held" if action == "hold" else "released"))

@@ -2,17 +2,26 @@
 
 API:
   ``backoff(attempts, retry_min, retry_max) -> seconds``: pure; ``retry_min * 2**(attempts-1)`` capped.
-  ``Scheduler(config_source, spool, route_bounce, now=time.time)``: ``start()``, ``notify(qid)`` (a new or
-     changed message), ``stop(deadline)`` (finish or abandon deliveries in progress by ``deadline``).
-  ``plan_jobs(env, config, now, busy)``: pure grouping of due recipients into delivery jobs.
+  ``Scheduler(config_source, spool, mailer, route_bounce, now=time.time)``: ``start()``, ``notify(qid)`` (a new
+     or changed message; None rescans the spool), ``stop(deadline)`` (finish or abandon deliveries in progress
+     by ``deadline``), ``in_flight`` (mailer calls running), ``idle()``.
+  ``plan_jobs(env, config, now, busy)``: pure grouping of due recipients into delivery jobs: pipe batches of
+     up to ``max_rcpt_to``, relay batches of up to 100 per destination, ``relay()`` per recipient domain.
+  ``destination_limit(config)``: jobs per destination at once: ``destination-concurrency``, at most
+     ``workers - 1`` (so one worker is always free for other destinations).
+  ``send_bounce(spool, env, failed, config, route_bounce, now)``: queue the report (also used by the CLI).
 Invariants:
   - The spool is the only input; the scheduler never imports routing: bounces are routed by the
     ``route_bounce`` callable the daemon passes in (unnamed ``[route]`` table, ``relay()`` for the rest).
   - A recipient is in at most one job at a time (``busy`` set), so a concurrent ``pmaster queue flush``
     never causes a second delivery. Results are applied under the message lock on a freshly loaded
     envelope and saved durably before the next attempt; a recipient recorded as sent is never retried.
-  - At most ``destination-concurrency`` jobs per destination run at once; a job whose destination is full
-    waits in the plan, never in a worker, so one dead destination cannot hold every worker.
+  - At most ``destination_limit`` jobs per destination run at once; a job whose destination is full
+    waits in the plan, never in a worker, so one dead destination cannot hold every worker. When a job
+    ends, the messages waiting for its destination are planned at once (no scan delay).
+  - A report is queued before the failure that caused it is saved: a crash may repeat a report, never lose it.
+  - A temporary failure retries at ``backoff``, but never later than arrival + ``queue-lifetime``; the first
+    attempt at or after that time bounces the recipient (DSN status 4.4.7).
   - Mailer sections are looked up by name at delivery time, so a reload applies to queued mail; a
     section that has gone defers the recipient.
 Threading: one ``sched`` thread plans; ``deliver-N`` threads run jobs; shared state under ``_lock``.
@@ -24,18 +33,19 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from pmaster import bounce as bounces
 from pmaster.config import Config
 from pmaster.envelope import BOUNCED, PENDING, SENT, Envelope, Recipient, split_address
 from pmaster.errors import QueueIdError, SpoolError
 from pmaster.mailers import OK, PERMFAIL, TEMPFAIL, Delivery, Result
-from pmaster.spool import Spool
+from pmaster.spool import ENV_SUFFIX, QUEUE, Spool
 
 log = logging.getLogger("pmaster.scheduler")
 
 RELAY_BATCH = 100
+STATUS_WORDS = {SENT: "sent", BOUNCED: "bounced", PENDING: "deferred"}
 SCAN_INTERVAL = 2.0
 
 
@@ -94,6 +104,37 @@ def next_due(env: Envelope) -> Optional[float]:
     return min(due) if due else None
 
 
+def destination_limit(config: Config) -> int:
+    """Jobs one destination may run at once: ``destination-concurrency``, but never every worker.
+
+    With a single worker there is nothing to keep free; otherwise one worker always stays available for
+    other destinations, so one dead destination cannot hold the whole pool (SPEC 5).
+    """
+    workers = config.core.workers
+    limit = config.core.destination_concurrency
+    return max(1, min(limit, workers - 1)) if workers > 1 else 1
+
+
+def _pending_destinations(env: Envelope) -> FrozenSet[str]:
+    return frozenset(destination_of(r) for r in env.recipients if r.state == PENDING)
+
+
+@dataclass
+class _Known:
+    """What the planner remembers of one message between scans (so it need not reload every envelope)."""
+
+    mtime: int  # st_mtime_ns of the envelope when it was read
+    due: Optional[float]  # None: nothing to do (held, or in flight with nothing else pending)
+    destinations: FrozenSet[str]  # destinations of its pending recipients
+
+
+def _env_mtime(spool: Spool, qid: str) -> int:
+    """The envelope's st_mtime_ns: a changed record (a delivery, ``pmaster queue``) is read again."""
+    env_path = getattr(spool, "env_path", None)
+    path = env_path(qid) if env_path is not None else spool._path(QUEUE, qid, ENV_SUFFIX)
+    return os.stat(path).st_mtime_ns
+
+
 MailerFn = Callable[[Delivery, str, str], List[Result]]
 BounceRouter = Callable[[str, Config], List[Recipient]]
 
@@ -111,13 +152,21 @@ class Scheduler:
         self._jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
         self._busy: Set[Tuple[str, int]] = set()
         self._active: Dict[str, int] = {}
-        self._known: Dict[str, Tuple[int, Optional[float]]] = {}  # qid -> (env mtime_ns, next due)
-        self._dirty: Set[str] = set()
+        self._known: Dict[str, _Known] = {}  # only the sched thread touches it
+        self._dirty: Set[str] = set()  # reload these envelopes at the next planning round
+        self._kick: Set[str] = set()  # plan these now: a destination they wait for has room again
+        self._waiting: Dict[str, Set[str]] = {}  # destination -> messages due but held back by its limit
         self._threads: List[threading.Thread] = []
         self._stopping = False
         self._deadline: Optional[float] = None
         self._last_scan = 0.0
-        self.in_flight = 0
+        self._in_flight = 0
+        self.metrics = None  # set by the daemon: has delivery(mailer, sent|deferred|bounced, seconds)
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
 
     # -- lifecycle
 
@@ -134,6 +183,7 @@ class Scheduler:
             t.start()
 
     def notify(self, qid: Optional[str] = None) -> None:
+        """A message was queued or changed (``qid``), or anything may have changed (None: rescan)."""
         with self._lock:
             if qid is not None:
                 self._dirty.add(qid)
@@ -175,40 +225,64 @@ class Scheduler:
         config = self.config_source()
         now = self.now()
         mono = time.monotonic()
-        if mono - self._last_scan >= SCAN_INTERVAL:
+        with self._lock:
+            rescan = mono - self._last_scan >= SCAN_INTERVAL
+            if rescan:
+                self._last_scan = mono
+        if rescan:
             self._scan()
-            self._last_scan = mono
         with self._lock:
             dirty, self._dirty = self._dirty, set()
+            kick, self._kick = self._kick, set()
         for qid in dirty:
             self._refresh(qid)
+        for qid in kick:
+            info = self._known.get(qid)
+            if info is not None:
+                info.due = now if info.due is None else min(info.due, now)
         wait = SCAN_INTERVAL
-        for qid, (_, due) in sorted(self._known.items()):
-            if due is None:
+        limit = destination_limit(config)
+        for qid, info in sorted(self._known.items()):
+            if info.due is None:
                 continue
-            if due > now:
-                wait = min(wait, due - now)
+            if info.due > now:
+                wait = min(wait, info.due - now)
                 continue
-            self._plan_message(qid, config, now)
+            if info.destinations and self._all_full(qid, info.destinations, limit):
+                info.due = None  # woken through _kick when one of its destinations has room
+                continue
+            self._plan_message(qid, config, now, limit)
         return max(0.05, wait)
 
+    def _all_full(self, qid: str, destinations: FrozenSet[str], limit: int) -> bool:
+        """True (and ``qid`` registered as waiting) when every destination it needs is at its limit."""
+        with self._lock:
+            if any(self._active.get(d, 0) < limit for d in destinations):
+                return False
+            for d in destinations:
+                self._waiting.setdefault(d, set()).add(qid)
+            return True
+
     def _scan(self) -> None:
-        present = set(self.spool.ids())
+        try:
+            present = set(self.spool.ids())
+        except SpoolError as exc:
+            log.error("cannot scan the queue: %s", exc)
+            return
         for qid in list(self._known):
             if qid not in present:
                 del self._known[qid]
-        for qid in present:
+        for qid in sorted(present):
             self._refresh(qid)
 
     def _refresh(self, qid: str) -> None:
-        path = os.path.join(self.spool.directory, "queue", qid + ".env")
         try:
-            mtime = os.stat(path).st_mtime_ns
-        except OSError:
+            mtime = _env_mtime(self.spool, qid)
+        except (OSError, SpoolError):
             self._known.pop(qid, None)
             return
         known = self._known.get(qid)
-        if known is not None and known[0] == mtime:
+        if known is not None and known.mtime == mtime:
             return
         try:
             env = self.spool.load(qid)
@@ -216,15 +290,19 @@ class Scheduler:
             self._known.pop(qid, None)
             return
         except SpoolError as exc:
-            log.error("%s: %s (moved to corrupt/)", qid, exc)
+            log.error("%s: %s", qid, exc)  # load() moved it to corrupt/: it never stops the scheduler
             self._known.pop(qid, None)
             return
-        self._known[qid] = (mtime, next_due(env))
+        # A finished record left behind (a crash between saving and removing) is due for removal now.
+        due = self.now() if env.done() else next_due(env)
+        self._known[qid] = _Known(mtime, due, _pending_destinations(env))
 
-    def _plan_message(self, qid: str, config: Config, now: float) -> None:
+    def _plan_message(self, qid: str, config: Config, now: float, limit: int) -> None:
         try:
             env = self.spool.load(qid)
-        except SpoolError:
+        except SpoolError as exc:
+            if not isinstance(exc, QueueIdError):
+                log.error("%s: %s", qid, exc)
             self._known.pop(qid, None)
             return
         if env.done():
@@ -232,21 +310,27 @@ class Scheduler:
             return
         with self._lock:
             jobs = plan_jobs(env, config, now, self._busy)
-            queued = False
             for job in jobs:
-                if self._active.get(job.destination, 0) >= config.core.destination_concurrency:
+                if self._active.get(job.destination, 0) >= limit:
+                    self._waiting.setdefault(job.destination, set()).add(qid)
                     continue
                 self._active[job.destination] = self._active.get(job.destination, 0) + 1
                 self._busy.update((qid, i) for i in job.indexes)
                 self._jobs.put(job)
-                queued = True
-            pending_idle = any(r.state == PENDING and r.next_attempt <= now and (qid, i) not in self._busy
-                               for i, r in enumerate(env.recipients))
-        # Due but not started (destination full): look again when a job ends; in flight: due when it ends.
-        if queued or pending_idle or any(k[0] == qid for k in self._busy):
-            self._known[qid] = (self._known.get(qid, (0, None))[0], now + SCAN_INTERVAL)
-        else:
-            self._known[qid] = (self._known.get(qid, (0, None))[0], next_due(env))
+            in_flight = any(k[0] == qid for k in self._busy)
+            due_idle = [r.next_attempt for i, r in enumerate(env.recipients)
+                        if r.state == PENDING and (qid, i) not in self._busy]
+        info = self._known.get(qid)
+        mtime = info.mtime if info is not None else 0
+        # Recipients in flight make the message dirty when their job ends; those held back by a full
+        # destination are kicked when it has room; the rest are due at their own time.
+        future = [t for t in due_idle if t > now]
+        due = min(future) if future else None
+        if env.held:
+            due = None
+        if due is None and not in_flight and not env.held and due_idle:
+            due = now + SCAN_INTERVAL  # safety net: never forget a message
+        self._known[qid] = _Known(mtime, due, _pending_destinations(env))
 
     # -- delivering
 
@@ -260,13 +344,17 @@ class Scheduler:
             except Exception:
                 log.exception("%s: delivery job failed", job.queue_id)
             finally:
-                with self._lock:
-                    self._active[job.destination] -= 1
-                    if not self._active[job.destination]:
-                        del self._active[job.destination]
-                    self._busy.difference_update((job.queue_id, i) for i in job.indexes)
-                    self._dirty.add(job.queue_id)
-                self._wake.set()
+                self._job_done(job)
+
+    def _job_done(self, job: Job) -> None:
+        with self._lock:
+            self._active[job.destination] -= 1
+            if not self._active[job.destination]:
+                del self._active[job.destination]
+            self._busy.difference_update((job.queue_id, i) for i in job.indexes)
+            self._dirty.add(job.queue_id)
+            self._kick.update(self._waiting.pop(job.destination, ()))
+        self._wake.set()
 
     def _run(self, job: Job) -> None:
         config = self.config_source()
@@ -279,23 +367,25 @@ class Scheduler:
             return
         with self._lock:
             deadline = self._deadline
+            self._in_flight += 1
         delivery = Delivery(job.queue_id, env, recipients, self.spool.body_path(job.queue_id), config,
                             deadline=deadline)
         started = time.monotonic()
-        self.in_flight += 1
         try:
             results = self.mailer(delivery, job.mailer, job.target)
         except Exception as exc:  # a mailer bug defers, it never loses the message
             log.exception("%s: mailer %s failed", job.queue_id, job.target)
             results = [Result(TEMPFAIL, "local error in mailer: %s" % exc)] * len(recipients)
         finally:
-            self.in_flight -= 1
+            with self._lock:
+                self._in_flight -= 1
         if len(results) != len(recipients):
             results = [Result(TEMPFAIL, "mailer returned %d results for %d recipients"
                               % (len(results), len(recipients)))] * len(recipients)
         self._record(job, results, config, time.monotonic() - started)
 
     def _record(self, job: Job, results: List[Result], config: Config, elapsed: float) -> None:
+        """Apply a job's results to a fresh copy of the envelope and save it before anything else happens."""
         now = self.now()
         try:
             lock = self.spool.lock(job.queue_id)
@@ -315,17 +405,21 @@ class Scheduler:
                 self._apply(env, r, result, config, now)
                 if r.state == BOUNCED:
                     newly_bounced.append(r)
-                self._log_result(env, r, result, now)
-            self.spool.save(env)
+                self._log_result(env, r, now)
+                if self.metrics is not None:
+                    self.metrics.delivery(job.mailer, STATUS_WORDS[r.state], elapsed)
+            # The report is queued before the failure is recorded: a crash in between can only repeat the
+            # report, never lose it.
             if newly_bounced:
                 self._bounce(env, newly_bounced, config, now)
+            try:
+                self.spool.save(env)
+            except SpoolError as exc:
+                log.error("%s: cannot record delivery results: %s", job.queue_id, exc)
+                return
             if env.done():
                 self.spool.remove(job.queue_id)
                 log.info("%s: removed", job.queue_id)
-        metrics = getattr(self, "metrics", None)
-        if metrics is not None:
-            for result in results:
-                metrics.delivery(job.mailer, result.status, elapsed)
 
     def _apply(self, env: Envelope, r: Recipient, result: Result, config: Config, now: float) -> None:
         r.attempts += 1
@@ -334,22 +428,26 @@ class Scheduler:
             r.first_attempt = now
         r.last_reply = result.reply
         r.dsn_status = result.enhanced
+        expires = env.arrival + config.core.queue_lifetime
         if result.status == OK:
             r.state = SENT
         elif result.status == PERMFAIL:
             r.state = BOUNCED
-        elif now - env.arrival >= config.core.queue_lifetime:
+        elif now >= expires:
             r.state = BOUNCED
             r.last_reply = "%s (gave up: in queue longer than %ds)" % (result.reply, config.core.queue_lifetime)
             r.dsn_status = "4.4.7" if not r.dsn_status.startswith("5") else r.dsn_status
         else:
-            r.next_attempt = now + backoff(r.attempts, config.core.retry_min, config.core.retry_max)
+            # The last retry falls on the expiry time, so a message never waits past its lifetime.
+            r.next_attempt = min(now + backoff(r.attempts, config.core.retry_min, config.core.retry_max), expires)
 
-    def _log_result(self, env: Envelope, r: Recipient, result: Result, now: float) -> None:
-        status = {SENT: "sent", BOUNCED: "bounced", PENDING: "deferred"}[r.state]
-        orig = " orig_to=<%s>" % r.original if r.original and r.original != r.address else ""
-        log.info("%s: to=<%s>%s mailer=%s status=%s delay=%.1f (%s)", env.queue_id, r.address, orig, r.target,
+    def _log_result(self, env: Envelope, r: Recipient, now: float) -> None:
+        # SPEC 7: "QUEUEID: to=<...> mailer=NAME status=sent|deferred|bounced delay=S (reply)".
+        status = STATUS_WORDS[r.state]
+        log.info("%s: to=<%s> mailer=%s status=%s delay=%.1f (%s)", env.queue_id, r.address, r.target,
                  status, max(0.0, now - env.arrival), r.last_reply)
+        if r.original and r.original != r.address:
+            log.debug("%s: to=<%s> was given as <%s>", env.queue_id, r.address, r.original)
 
     # -- bounces
 
@@ -366,10 +464,10 @@ class Scheduler:
             try:
                 if self.spool.load(qid).done():
                     self.spool.remove(qid)
+                    log.info("%s: removed", qid)
             except SpoolError:
                 pass
         self._known.pop(qid, None)
-
 
 
 def send_bounce(spool: Spool, env: Envelope, failed: List[Recipient], config: Config, route_bounce: BounceRouter,

@@ -1,0 +1,496 @@
+"""Scheduler tests: the pure functions from tables, and an in-process Scheduler with a fake clock driving the
+real pipe and relay mailers (real subprocesses, real SMTP sinks on loopback)."""
+
+import email
+import logging
+import os
+import re
+import threading
+import time
+
+import pytest
+
+from pmaster import scheduler as sched_mod
+from pmaster.config import load
+from pmaster.envelope import BOUNCED, PENDING, SENT, Envelope, Recipient
+from pmaster.errors import SpoolError
+from pmaster.mailers import relay
+from pmaster.mailers.dispatch import Mailers
+from pmaster.routing import bounce_recipients
+from pmaster.scheduler import Job, Scheduler, backoff, destination_limit, destination_of, plan_jobs
+from pmaster.spool import Spool
+from pmaster.tests.daemon_fixture import wait_for
+from pmaster.tests.smtpsink import SmtpSink
+
+BODY = b"From: a@src.test\r\nSubject: sched\r\nMessage-ID: <m1@src.test>\r\n\r\nhello\r\n"
+
+BASE = """\
+[core]
+  hostname = mx.test
+  spool-directory = spool
+  workers = {workers}
+  destination-concurrency = {dc}
+  retry-min = 10s
+  retry-max = 80s
+  queue-lifetime = 100s
+  dns-server = 127.0.0.1:9
+
+[pipe rec]
+  exec = /bin/sh {tmp}/rec.sh ${{QUEUE_ID}} ${{RCPT_TO}}
+  max_rcpt_to = {max_rcpt}
+
+[pipe single]
+  exec = /bin/sh {tmp}/rec.sh ${{QUEUE_ID}} ${{RCPT_TO}}
+
+[pipe temp]
+  exec = /bin/sh -c "exit {temp_exit}"
+
+[pipe perm]
+  exec = /bin/sh -c "echo no such user >&2; exit 67"
+
+[route]
+  @src.test pipe(cat > {tmp}/bounce-$QUEUE_ID.eml)
+  postmaster {postmaster}
+{extra}
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = time.time()
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class Setup:
+    """A loaded configuration, a spool and a scheduler on a fake clock, with real mailers."""
+
+    def __init__(self, tmp_path, workers=4, dc=10, max_rcpt=16, extra="", postmaster=None, temp_exit=75):
+        self.tmp = str(tmp_path)
+        with open(os.path.join(self.tmp, "rec.sh"), "w") as f:
+            # One line per invocation: the queue id and every recipient argument.
+            f.write('echo "$*" >> "%s/argv.log"\ncat > /dev/null\n' % self.tmp)
+        self.path = os.path.join(self.tmp, "pm.cf")
+        pm = postmaster or "pipe(cat > %s/postmaster-$QUEUE_ID.eml)" % self.tmp
+        self.write(workers=workers, dc=dc, max_rcpt=max_rcpt, extra=extra, postmaster=pm,
+                   temp_exit=temp_exit)
+        self.config = load(self.path)
+        self.spool = Spool(os.path.join(self.tmp, "spool"))
+        self.clock = Clock()
+        self.sched = Scheduler(lambda: self.config, self.spool, Mailers(set), bounce_recipients, now=self.clock)
+
+    def write(self, **values) -> None:
+        with open(self.path, "w") as f:
+            f.write(BASE.format(tmp=self.tmp, **values))
+
+    def reload(self, **values) -> None:
+        self.write(**values)
+        self.config = load(self.path)
+        self.sched.notify(None)
+
+    def inject(self, rcpts, sender="alice@src.test", body=BODY, held=False) -> str:
+        recipients = [Recipient(address=a, original=a, mailer=m, target=t) for a, m, t in rcpts]
+        with self.spool.writer() as w:
+            w.write(body)
+            w.commit(Envelope(queue_id=w.queue_id, sender=sender, recipients=recipients, arrival=self.clock(),
+                              size=len(body), held=held))
+        self.sched.notify(w.queue_id)
+        return w.queue_id
+
+    def env(self, qid):
+        try:
+            return self.spool.load(qid)
+        except SpoolError:
+            return None
+
+    def argv_lines(self):
+        try:
+            with open(os.path.join(self.tmp, "argv.log")) as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def files(self, prefix):
+        return sorted(n for n in os.listdir(self.tmp) if n.startswith(prefix))
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.sched.notify(None)
+
+    def wait_state(self, qid, index, predicate, timeout=10.0):
+        def check():
+            env = self.env(qid)
+            return env is not None and predicate(env.recipients[index])
+        assert wait_for(check, timeout), self.env(qid)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    made = []
+
+    def make(**kwargs) -> Setup:
+        s = Setup(tmp_path, **kwargs)
+        made.append(s)
+        s.sched.start()
+        return s
+
+    yield make
+    for s in made:
+        s.sched.stop(time.monotonic() + 5)
+
+
+@pytest.fixture(autouse=True)
+def fresh_refused_memo(monkeypatch):
+    monkeypatch.setattr(relay, "REFUSED", relay.RefusedHosts())
+
+
+def rcpt(address, mailer="pipe", target="rec", state=PENDING, next_attempt=0.0):
+    return Recipient(address=address, original=address, mailer=mailer, target=target, state=state,
+                     next_attempt=next_attempt)
+
+
+def envelope(recipients, held=False):
+    return Envelope(queue_id="0000000000000ABCDE", sender="a@src.test", recipients=recipients, arrival=0.0,
+                    held=held)
+
+
+# -- pure functions --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attempts, expected", [
+    (0, 0), (1, 60), (2, 120), (3, 240), (4, 480), (5, 960), (6, 1920), (7, 3600), (8, 3600), (100, 3600),
+])
+def test_backoff_doubles_from_retry_min_up_to_retry_max(attempts, expected):
+    assert backoff(attempts, 60, 3600) == expected
+
+
+def test_backoff_stays_between_retry_min_and_retry_max_for_every_attempt():
+    for attempts in range(1, 200):
+        assert 300 <= backoff(attempts, 300, 4 * 3600) <= 4 * 3600
+
+
+@pytest.fixture
+def config(tmp_path):
+    s = Setup(tmp_path, max_rcpt=16, extra="[relay up]\n  address = 127.0.0.1:9\n")
+    return s.config
+
+
+def test_plan_jobs_puts_three_recipients_in_one_pipe_batch_with_max_rcpt_to_16(config):
+    env = envelope([rcpt("a@x.test"), rcpt("b@x.test"), rcpt("c@x.test")])
+    jobs = plan_jobs(env, config, now=1.0, busy=set())
+    assert [j.indexes for j in jobs] == [(0, 1, 2)]
+
+
+def test_plan_jobs_gives_each_recipient_its_own_job_with_max_rcpt_to_1(config):
+    env = envelope([rcpt("a@x.test", target="single"), rcpt("b@x.test", target="single"),
+                    rcpt("c@x.test", target="single")])
+    assert [j.indexes for j in plan_jobs(env, config, 1.0, set())] == [(0,), (1,), (2,)]
+
+
+def test_plan_jobs_splits_relay_batches_at_100_recipients(config):
+    env = envelope([rcpt("u%d@x.test" % i, "relay", "up") for i in range(250)])
+    assert [len(j.indexes) for j in plan_jobs(env, config, 1.0, set())] == [100, 100, 50]
+
+
+def test_plan_jobs_groups_mx_relay_by_recipient_domain(config):
+    env = envelope([rcpt("a@one.test", "relay", "relay()"), rcpt("b@two.test", "relay", "relay()"),
+                    rcpt("c@one.test", "relay", "relay()")])
+    jobs = plan_jobs(env, config, 1.0, set())
+    assert sorted((j.destination, j.indexes) for j in jobs) == [("relay():one.test", (0, 2)),
+                                                              ("relay():two.test", (1,))]
+
+
+def test_plan_jobs_separates_targets_and_skips_sent_busy_and_future_recipients(config):
+    env = envelope([rcpt("a@x.test"), rcpt("b@x.test", target="single"), rcpt("c@x.test", state=SENT),
+                    rcpt("d@x.test", next_attempt=50.0), rcpt("e@x.test")])
+    jobs = plan_jobs(env, config, now=10.0, busy={(env.queue_id, 4)})
+    assert sorted((j.target, j.indexes) for j in jobs) == [("rec", (0,)), ("single", (1,))]
+
+
+def test_plan_jobs_plans_nothing_for_a_held_message(config):
+    assert plan_jobs(envelope([rcpt("a@x.test")], held=True), config, 1.0, set()) == []
+
+
+def test_destination_of_names_mailer_and_target():
+    assert destination_of(rcpt("a@x.test")) == "pipe:rec"
+    assert destination_of(rcpt("a@X.test", "relay", "relay()")) == "relay():x.test"
+    assert destination_of(rcpt("a@x.test", "relay", "up")) == "relay:up"
+
+
+def test_destination_limit_always_leaves_one_worker_for_other_destinations(tmp_path):
+    assert destination_limit(Setup(tmp_path, workers=8, dc=10).config) == 7
+    assert destination_limit(Setup(tmp_path, workers=8, dc=3).config) == 3
+    assert destination_limit(Setup(tmp_path, workers=1, dc=10).config) == 1
+
+
+# -- an in-process scheduler with real mailers --------------------------------------------------------
+
+
+def test_pipe_batch_of_three_recipients_runs_the_program_once(setup):
+    s = setup(max_rcpt=16)
+    qid = s.inject([("a@x.test", "pipe", "rec"), ("b@x.test", "pipe", "rec"), ("c@x.test", "pipe", "rec")])
+    assert wait_for(lambda: not s.spool.exists(qid), 10)
+    assert s.argv_lines() == ["%s a@x.test b@x.test c@x.test" % qid]
+
+
+def test_pipe_with_max_rcpt_to_2_runs_twice_for_three_recipients(setup):
+    s = setup(max_rcpt=2)
+    qid = s.inject([("a@x.test", "pipe", "rec"), ("b@x.test", "pipe", "rec"), ("c@x.test", "pipe", "rec")])
+    assert wait_for(lambda: not s.spool.exists(qid), 10)
+    assert sorted(s.argv_lines()) == ["%s a@x.test b@x.test" % qid, "%s c@x.test" % qid]
+
+
+def test_relay_section_batch_goes_in_one_transaction(setup):
+    with SmtpSink() as sink:
+        s = setup(extra="[relay up]\n  address = 127.0.0.1:%d\n" % sink.port)
+        s.inject([("u%d@x.test" % i, "relay", "up") for i in range(5)])
+        msgs = sink.wait_for_messages(1, 10)
+        time.sleep(0.2)
+        assert len(sink.transactions) == 1
+        assert msgs[0].rcpts == ["u%d@x.test" % i for i in range(5)]
+
+
+class CountingSink(SmtpSink):
+    """Counts SMTP sessions open at the same time."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.peak = 0
+
+    def _register(self, sock, add):
+        super()._register(sock, add)
+        with self._cond:
+            self.peak = max(self.peak, len(self._open))
+
+
+def test_at_most_destination_concurrency_sessions_per_destination(setup):
+    with CountingSink(greeting_delay=0.4) as sink:
+        s = setup(workers=6, dc=2, extra="[relay up]\n  address = 127.0.0.1:%d\n" % sink.port)
+        for i in range(6):
+            s.inject([("u%d@x.test" % i, "relay", "up")])
+        assert len(sink.wait_for_messages(6, 15)) == 6
+        assert sink.peak == 2
+
+
+def test_dead_destination_does_not_hold_every_worker(setup):
+    with CountingSink(greeting_delay=30) as dead:
+        s = setup(workers=3, dc=10, extra="[relay dead]\n  address = 127.0.0.1:%d\n" % dead.port)
+        for i in range(5):
+            s.inject([("u%d@x.test" % i, "relay", "dead")])
+        assert wait_for(lambda: dead.peak >= 2, 5)
+        qid = s.inject([("ok@x.test", "pipe", "rec")])
+        assert wait_for(lambda: not s.spool.exists(qid), 5), "mail to a second destination did not go out"
+        assert dead.peak == 2
+
+
+def test_temporary_failure_retries_at_backoff_times_of_the_fake_clock(setup):
+    s = setup()
+    qid = s.inject([("a@x.test", "pipe", "temp")])
+    start = s.clock()
+    s.wait_state(qid, 0, lambda r: r.attempts == 1)
+    r = s.env(qid).recipients[0]
+    assert (r.state, r.next_attempt - start) == (PENDING, 10)
+    time.sleep(0.3)
+    assert s.env(qid).recipients[0].attempts == 1  # not due yet: no attempt
+    s.advance(10)
+    s.wait_state(qid, 0, lambda r: r.attempts == 2)
+    assert s.env(qid).recipients[0].next_attempt - s.clock() == 20
+
+
+def test_expiry_bounces_at_queue_lifetime_with_status_4_4_7(setup):
+    s = setup()
+    qid = s.inject([("a@x.test", "pipe", "temp")])
+    s.wait_state(qid, 0, lambda r: r.attempts == 1)
+    for attempt in range(2, 12):
+        if not s.spool.exists(qid):
+            break
+        s.advance(s.env(qid).recipients[0].next_attempt - s.clock())
+        assert wait_for(lambda n=attempt: _attempts(s, qid) in (n, None), 10)
+    assert not s.spool.exists(qid)
+    assert wait_for(lambda: s.files("bounce-"), 10)
+    report = _read(s, s.files("bounce-")[0])
+    assert "Status: 4.4.7" in report and "gave up" in report
+
+
+def test_last_retry_never_falls_after_the_expiry_time(setup):
+    s = setup()
+    qid = s.inject([("a@x.test", "pipe", "temp")])
+    s.wait_state(qid, 0, lambda r: r.attempts == 1)
+    arrival = s.env(qid).arrival
+    s.advance(95)
+    s.wait_state(qid, 0, lambda r: r.attempts == 2)
+    assert s.env(qid).recipients[0].next_attempt == arrival + 100
+
+
+def test_permanent_failure_bounces_once_to_the_sender(setup):
+    s = setup()
+    qid = s.inject([("a@x.test", "pipe", "perm"), ("b@x.test", "pipe", "rec")])
+    assert wait_for(lambda: not s.spool.exists(qid) and s.files("bounce-"), 10)
+    time.sleep(0.3)
+    assert len(s.files("bounce-")) == 1
+    msg = email.message_from_string(_read(s, s.files("bounce-")[0]))
+    assert msg.get_content_type() == "multipart/report"
+    status = [p for p in msg.walk() if p.get_content_type() == "message/delivery-status"][0]
+    text = status.as_string()
+    assert "a@x.test" in text and "b@x.test" not in text and "no such user" in text
+
+
+def test_null_sender_failure_never_bounces(setup, caplog):
+    caplog.set_level(logging.INFO, "pmaster")
+    s = setup()
+    qid = s.inject([("a@x.test", "pipe", "perm")], sender="")
+    assert wait_for(lambda: not s.spool.exists(qid), 10)
+    time.sleep(0.3)
+    assert s.spool.ids() == []
+    assert "null sender: no bounce sent" in caplog.text
+
+
+def test_failed_bounce_goes_once_to_postmaster_and_never_further(setup, caplog):
+    caplog.set_level(logging.INFO, "pmaster")
+    s = setup(extra="  @bad.test perm\n")
+    qid = s.inject([("a@x.test", "pipe", "perm")], sender="someone@bad.test")
+    assert wait_for(lambda: s.files("postmaster-"), 10)
+    assert wait_for(lambda: s.spool.ids() == [], 10)
+    assert not s.spool.exists(qid)
+    report = _read(s, s.files("postmaster-")[0])
+    assert "Undelivered Mail Returned to Sender" in report
+    assert len(s.files("postmaster-")) == 1 and s.files("bounce-") == []
+
+
+def test_failed_report_to_postmaster_is_dropped(setup, caplog):
+    caplog.set_level(logging.INFO, "pmaster")
+    s = setup(extra="  @bad.test perm\n", postmaster="perm")
+    s.inject([("a@x.test", "pipe", "perm")], sender="someone@bad.test")
+    assert wait_for(lambda: "undeliverable report to postmaster dropped" in caplog.text, 10)
+    assert wait_for(lambda: s.spool.ids() == [], 10)
+
+
+def test_sent_recipient_is_not_delivered_again_by_a_new_scheduler(setup, tmp_path):
+    s = setup()
+    qid = s.inject([("a@x.test", "pipe", "rec"), ("b@x.test", "pipe", "temp")])
+    s.wait_state(qid, 1, lambda r: r.attempts == 1)
+    env = s.env(qid)
+    assert [r.state for r in env.recipients] == [SENT, PENDING]
+    s.sched.stop(time.monotonic() + 5)
+    # A new scheduler on the same spool (a restart) where the failing target now works.
+    s2 = Setup(tmp_path, temp_exit=0)
+    try:
+        s2.sched.start()
+        s2.advance(10)
+        assert wait_for(lambda: not s2.spool.exists(qid), 10)
+    finally:
+        s2.sched.stop(time.monotonic() + 5)
+    lines = [line for line in s2.argv_lines() if "a@x.test" in line]
+    assert lines == ["%s a@x.test" % qid]
+
+
+def test_fixed_relay_section_applies_to_queued_mail_after_reload(setup):
+    with SmtpSink() as sink:
+        s = setup(extra="[relay up]\n  address = 127.0.0.1:9\n")
+        qid = s.inject([("a@x.test", "relay", "up")])
+        s.wait_state(qid, 0, lambda r: r.attempts == 1)
+        s.reload(workers=4, dc=10, max_rcpt=16, postmaster="perm", temp_exit=75, extra="[relay up]\n  address = 127.0.0.1:%d\n" % sink.port)
+        s.advance(10)
+        assert len(sink.wait_for_messages(1, 10)) == 1
+        assert wait_for(lambda: not s.spool.exists(qid), 5)
+
+
+def test_section_that_has_gone_defers_and_logs(setup, caplog):
+    caplog.set_level(logging.INFO, "pmaster")
+    s = setup()
+    qid = s.inject([("a@x.test", "relay", "vanished")])
+    s.wait_state(qid, 0, lambda r: r.attempts == 1)
+    r = s.env(qid).recipients[0]
+    assert r.state == PENDING and "[relay vanished] is not configured" in r.last_reply
+    assert "%s: mailer section [relay vanished] is not configured" % qid in caplog.text
+
+
+def test_delivery_log_line_has_the_documented_shape(setup, caplog):
+    caplog.set_level(logging.INFO, "pmaster")
+    s = setup()
+    qid = s.inject([("a@x.test", "pipe", "rec"), ("b@x.test", "pipe", "temp"), ("c@x.test", "pipe", "perm")])
+    assert wait_for(lambda: caplog.text.count("%s: to=<" % qid) >= 3, 10)
+    shape = re.compile(r"^(\w+): to=<([^>]*)> mailer=(\S+) status=(sent|deferred|bounced) delay=[\d.]+ \((.*)\)$")
+    found = {}
+    for record in caplog.records:
+        m = shape.match(record.getMessage())
+        if m and m.group(1) == qid:
+            found[m.group(2)] = (m.group(3), m.group(4))
+    assert found == {"a@x.test": ("rec", "sent"), "b@x.test": ("temp", "deferred"),
+                     "c@x.test": ("perm", "bounced")}
+
+
+def test_corrupt_envelope_moves_to_corrupt_and_the_scheduler_keeps_running(setup, caplog):
+    caplog.set_level(logging.INFO, "pmaster")
+    s = setup()
+    bad = "00000000000000BAD1"
+    with open(os.path.join(s.tmp, "spool", "queue", bad + ".msg"), "wb") as f:
+        f.write(BODY)
+    with open(os.path.join(s.tmp, "spool", "queue", bad + ".env"), "w") as f:
+        f.write("{ not json")
+    s.sched.notify(None)
+    assert wait_for(lambda: bad in s.spool.corrupt_ids(), 10)
+    assert bad in caplog.text
+    qid = s.inject([("a@x.test", "pipe", "rec")])
+    assert wait_for(lambda: not s.spool.exists(qid), 10)
+
+
+def test_held_message_is_not_delivered_until_released(setup):
+    s = setup()
+    qid = s.inject([("a@x.test", "pipe", "rec")], held=True)
+    time.sleep(0.5)
+    assert s.argv_lines() == [] and s.spool.exists(qid)
+    with s.spool.lock(qid):
+        env = s.spool.load(qid)
+        env.held = False
+        s.spool.save(env)
+    s.sched.notify(qid)
+    assert wait_for(lambda: not s.spool.exists(qid), 10)
+
+
+def test_concurrent_notifications_never_deliver_a_recipient_twice(setup):
+    s = setup(workers=4)
+    qids = [s.inject([("r%d@x.test" % i, "pipe", "single")]) for i in range(10)]
+    stop = threading.Event()
+
+    def poke():
+        for _ in range(200):
+            if stop.is_set():
+                return
+            s.sched.notify(None)
+            for q in qids:
+                s.sched.notify(q)
+            time.sleep(0.005)
+
+    t = threading.Thread(target=poke)
+    t.start()
+    try:
+        assert wait_for(lambda: not any(s.spool.exists(q) for q in qids), 15)
+    finally:
+        stop.set()
+        t.join(5)
+    assert sorted(s.argv_lines()) == sorted("%s r%d@x.test" % (q, i) for i, q in enumerate(qids))
+
+
+def test_job_value_is_hashable_and_carries_its_destination():
+    job = Job("Q", "pipe", "rec", "pipe:rec", (0, 1))
+    assert {job: 1}[job] == 1 and job.destination == "pipe:rec"
+
+
+def test_module_exports_send_bounce_for_the_cli():
+    assert callable(sched_mod.send_bounce) and BOUNCED == "bounced"
+
+
+def _attempts(s: Setup, qid: str):
+    """The first recipient's attempts, or None once the message is gone."""
+    env = s.env(qid) if s.spool.exists(qid) else None
+    return env.recipients[0].attempts if env is not None else None
+
+
+def _read(s: Setup, name: str) -> str:
+    with open(os.path.join(s.tmp, name), encoding="utf-8", errors="replace") as f:
+        return f.read()
