@@ -3,8 +3,14 @@
 API: ``configure(config, foreground) -> None`` installs handlers on the ``pmaster`` logger tree:
   ``[core] logger`` for everything, and a listener's own ``logger`` for ``pmaster.smtpd.<ident>``.
   ``StrftimeFileHandler(pattern)``: expands the pattern at each write, so a new day opens a new file.
-Invariants: one line per event; no tracebacks in syslog lines (they are folded onto one line).
-  When syslog cannot be reached, stderr is used with one warning (SPEC 2).
+  ``hand_over(uid, gid)``: before the daemon drops privileges, opens the current log files and gives them
+  (and the directories this module created for them) to the new owner.
+Invariants: one line per event; no tracebacks in syslog lines (they are folded onto one line); the line of
+  an event about a message starts with its queue id (the callers' duty; the formats put nothing between the
+  level and the message). When syslog cannot be reached, stderr is used with one warning (SPEC 2).
+Errors: a log file that cannot be written is reported once on stderr per file and never raises into the
+  caller (logging must not stop mail).
+Threading: ``configure`` runs in the main thread (start and SIGHUP); handlers lock around their writes.
 """
 
 import logging
@@ -13,13 +19,15 @@ import os
 import sys
 import threading
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Set
 
 from pmaster.config import Config
 
 _FORMAT_FILE = "%(asctime)s %(name)s[%(process)d]: %(levelname)s: %(message)s"
 _FORMAT_STDERR = "%(asctime)s %(name)s: %(levelname)s: %(message)s"
 _installed: Dict[str, logging.Handler] = {}
+_configured: Set[str] = set()  # logger names given handlers by configure(), to undo what a reload drops
+_pending_warnings: List[str] = []  # said once the handlers are in place, so they reach the right place
 
 
 class StrftimeFileHandler(logging.Handler):
@@ -29,6 +37,8 @@ class StrftimeFileHandler(logging.Handler):
         self._path: Optional[str] = None
         self._stream = None
         self._io = threading.Lock()
+        self._failed: Optional[str] = None  # the path whose failure was reported, to report it once
+        self.created_dirs: List[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -45,11 +55,44 @@ class StrftimeFileHandler(logging.Handler):
     def _open(self, path: str) -> None:
         if self._stream is not None:
             self._stream.close()
-        directory = os.path.dirname(path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
+            self._stream = None
+            self._path = None
+        self._make_dirs(os.path.dirname(path))
         self._stream = open(path, "a", encoding="utf-8")
         self._path = path
+
+    def _make_dirs(self, directory: str) -> None:
+        missing = []
+        while directory and not os.path.isdir(directory):
+            missing.append(directory)
+            parent = os.path.dirname(directory)
+            if parent == directory:
+                break
+            directory = parent
+        for d in reversed(missing):
+            os.makedirs(d, exist_ok=True)
+            self.created_dirs.append(d)
+
+    def hand_over(self, uid: int, gid: int) -> None:
+        """Open today's file now and give it, and the directories made for it, to ``uid``/``gid``."""
+        with self._io:
+            path = time.strftime(self.pattern)
+            if path != self._path:
+                self._open(path)
+            for name in self.created_dirs + [path]:
+                os.chown(name, uid, gid)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # One line on stderr per failing file, never a traceback per message (stderr may be a terminal).
+        exc = sys.exc_info()[1]
+        path = self._path or time.strftime(self.pattern)
+        if self._failed == path:
+            return
+        self._failed = path
+        try:
+            sys.stderr.write("pmaster: cannot write log file %s: %s\n" % (path, getattr(exc, "strerror", None) or exc))
+        except (OSError, ValueError):
+            pass
 
     def close(self) -> None:
         with self._io:
@@ -76,9 +119,8 @@ def _syslog_handler(config: Config) -> logging.Handler:
                 continue
             handler.setFormatter(_OneLine("%s[%%(process)d]: %%(message)s" % config.syslog.ident))
             return handler
-    handler = _stderr_handler()
-    logging.getLogger("pmaster").warning("syslog is not reachable (no /dev/log): logging to stderr")
-    return handler
+    _pending_warnings.append("syslog is not reachable (no /dev/log): logging to stderr")
+    return _stderr_handler()
 
 
 def _stderr_handler() -> logging.Handler:
@@ -114,7 +156,8 @@ def configure(config: Config, foreground: bool) -> None:
     for ident, smtpd in config.smtpd.items():
         if smtpd.logger is not None:
             wanted["pmaster.smtpd.%s" % ident] = _handler_for(smtpd.logger, config, foreground)
-    for name in ["pmaster"] + ["pmaster.smtpd.%s" % i for i in config.smtpd]:
+    names = ["pmaster"] + ["pmaster.smtpd.%s" % i for i in config.smtpd]
+    for name in names + sorted(_configured - set(names)):
         logger = logging.getLogger(name)
         for h in list(logger.handlers):
             logger.removeHandler(h)
@@ -123,8 +166,19 @@ def configure(config: Config, foreground: bool) -> None:
             logger.propagate = name == "pmaster"
         else:
             logger.propagate = True
+    _configured.clear()
+    _configured.update(wanted)
+    while _pending_warnings:
+        logging.getLogger("pmaster.logsetup").warning("%s", _pending_warnings.pop(0))
     in_use = set(id(h) for h in wanted.values())
     for key, h in list(_installed.items()):
         if id(h) not in in_use:
             h.close()
             del _installed[key]
+
+
+def hand_over(uid: int, gid: int) -> None:
+    """Give the log files in use to the user the daemon is about to become; raises OSError on failure."""
+    for handler in list(_installed.values()):
+        if isinstance(handler, StrftimeFileHandler):
+            handler.hand_over(uid, gid)
