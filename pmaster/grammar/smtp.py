@@ -31,6 +31,8 @@ import ply.yacc as yacc
 
 from pmaster import reply as replies
 from pmaster.envelope import normalize_address
+
+_SPECIALS = re.compile(r"[()\\;]")
 from pmaster.errors import SmtpError
 from pmaster.reply import Reply
 
@@ -306,6 +308,10 @@ class _Grammar:
     @_rule("""local_part : WORD
                          | QSTRING""")
     def p_local_part(self, p):
+        # RFC 5321 Dot-string: specials such as ( ) ; \ only inside a quoted local part. Refusing them keeps
+        # shell-looking senders like <a(b)c@x> out of the envelope instead of passing them on verbatim.
+        if not p[1].startswith('"') and _SPECIALS.search(p[1]):
+            raise _Fail("address")
         p[0] = p[1]
 
     @_rule("""domain : WORD""")

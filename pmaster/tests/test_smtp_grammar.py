@@ -41,6 +41,7 @@ VALID = [
     ("RCPT TO:<-oops@example.org>", "RCPT", "address", "-oops@example.org"),
     ("RCPT TO:<a.b-c_d@sub-1.example.org>", "RCPT", "address", "a.b-c_d@sub-1.example.org"),
     ("VRFY joe", "VRFY", "argument", "joe"),
+    ('MAIL FROM:<"a(b);c"@example.org>', "MAIL", "address", '"a(b);c"@example.org'),
     ("EXPN staff list", "EXPN", "argument", "staff list"),
     ("EXPN", "EXPN", "argument", None),
     ("NOOP", "NOOP", "argument", None),
@@ -85,9 +86,11 @@ BAD_SENDER = [
     "MAIL FROM:<a b@c>", "MAIL FROM:<a@b..c>", "MAIL FROM:<a@[1.2.3.999]>", "MAIL FROM:<a@[IPv6:zz]>",
     "MAIL FROM:<a@[nonsense]>", 'MAIL FROM:<"unterminated@b>', "MAIL FROM:<a@b\x01c>", "MAIL FROM:<<a@b>>",
     "MAIL FROM:<@a:>", "MAIL FROM:<a@b,c>", "MAIL FROM:a@",
+    "MAIL FROM:<a(b)c@example.org>", "MAIL FROM:<a`x`$(touch${IFS}p)|y@sender.test>", "MAIL FROM:<a;b@x.org>",
 ]
 
-BAD_RECIPIENT = ["RCPT TO:<>", "RCPT TO:", "RCPT TO:<a@b", "RCPT TO:<a@b@c>", "RCPT TO:<@x,:a@b>"]
+BAD_RECIPIENT = ["RCPT TO:<>", "RCPT TO:", "RCPT TO:<a@b", "RCPT TO:<a@b@c>", "RCPT TO:<@x,:a@b>",
+                 "RCPT TO:<x\\y@b.org>", "RCPT TO:<(comment)joe@b.org>"]
 
 
 @pytest.mark.parametrize("line,verb,attr,expected", VALID)
