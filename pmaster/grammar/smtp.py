@@ -32,9 +32,10 @@ import ply.yacc as yacc
 from pmaster import reply as replies
 from pmaster.envelope import normalize_address
 
-_SPECIALS = re.compile(r"[()\\;]")
 from pmaster.errors import SmtpError
 from pmaster.reply import Reply
+
+_SPECIALS = re.compile(r"[()\\;]")
 
 
 class SmtpSyntaxError(SmtpError):
