@@ -31,7 +31,6 @@ import ply.yacc as yacc
 
 from pmaster import reply as replies
 from pmaster.envelope import normalize_address
-
 from pmaster.errors import SmtpError
 from pmaster.reply import Reply
 
