@@ -276,6 +276,7 @@ class Daemon:
         for listener in self.listeners:
             listener.shutdown()
             listener.server_close()
+        self.runtime.interrupt_idle_sessions()
         while self.runtime.active_sessions() and time.monotonic() < deadline:
             time.sleep(0.1)
         if self.runtime.active_sessions():

@@ -110,6 +110,13 @@ class Runtime:
             if not self.per_ip[ip]:
                 del self.per_ip[ip]
 
+    def interrupt_idle_sessions(self) -> None:
+        """At shutdown: sessions waiting for a command outside a transaction are told 421 now."""
+        with self._lock:
+            sessions = list(self.sessions.values())
+        for session in sessions:
+            session.interrupt_if_idle()
+
     def active_sessions(self) -> int:
         with self._lock:
             return len(self.sessions)
@@ -246,6 +253,7 @@ class Session:
         self.started = time.time()
         self.log = logging.getLogger("pmaster.smtpd.%s" % ident)
         self.in_data = False
+        self.interrupted = False
 
     @property
     def smtpd(self) -> SmtpdConfig:
@@ -271,7 +279,8 @@ class Session:
             self._send_quietly(R.TIMEOUT)
             self.log.info("timeout after %s from [%s]", "DATA" if self.in_data else "command", self.client_address)
         except ChannelClosed:
-            pass
+            if self.interrupted:
+                self._send_quietly(R.SHUTTING_DOWN)
         except Exception:  # a broken session must never take the daemon down
             self.log.exception("session with [%s] failed", self.client_address)
             self._send_quietly(R.LOCAL_ERROR)
@@ -279,6 +288,20 @@ class Session:
             self.runtime.unregister(self, smtpd)
             self.log.info("disconnect from [%s]", self.client_address)
             self.channel.close()
+
+    def interrupt_if_idle(self) -> None:
+        """Wake a session blocked waiting for a command (called from the shutdown thread).
+
+        Only the read side is shut: the blocked read sees end of file and ``run`` still sends the 421.
+        A session inside a transaction is left alone to finish it (SPEC 7); it gets 421 after it.
+        """
+        if self.in_data or self.tx.mail_from is not None:
+            return
+        self.interrupted = True
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
     def _loop(self) -> None:
         while not self.closing:

@@ -261,6 +261,18 @@ def test_sigterm_stops_accepting_new_connections(site):
     assert proc.wait(15) == 0
 
 
+def test_sigterm_tells_an_idle_session_421_at_once_and_does_not_wait_for_it(site):
+    proc = site.start()
+    client = site.smtp()  # EHLO done, no transaction: nothing to wait for
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code, text = client.getreply()
+    assert (code, text[:5]) == (421, b"4.3.2")
+    assert proc.wait(15) == 0
+    assert time.monotonic() - started < 5
+    client.close()
+
+
 def test_sigterm_kills_mailer_children_after_the_drain_and_keeps_the_mail(site):
     site.write("joe@localhost slow\n", extra="[pipe slow]\n  exec = /bin/sh -c \"sleep 60; cat\"\n")
     proc = site.start(env={"PMASTER_DRAIN_SECONDS": "1"})
