@@ -286,6 +286,7 @@ class Daemon:
             self.metrics_server.stop()
         self.remove_pid_file()
         log.info("stopped")
+        logsetup.flush()
 
     def stop_scheduler(self, deadline: float) -> None:
         """Deliveries get until ``deadline``; then their children are killed, whatever the workers do."""

@@ -13,9 +13,11 @@ Errors: a log file that cannot be written is reported once on stderr per file an
 Threading: ``configure`` runs in the main thread (start and SIGHUP); handlers lock around their writes.
 """
 
+import atexit
 import logging
 import logging.handlers
 import os
+import queue
 import sys
 import threading
 import time
@@ -123,6 +125,75 @@ def _syslog_handler(config: Config) -> logging.Handler:
     return _stderr_handler()
 
 
+class _Async(logging.Handler):
+    """Hands records to one writer thread, so a session never waits on log I/O.
+
+    Why: while other threads fsync the spool, a write to a log file on the same file system can stall for
+    milliseconds; with the handler's lock held, every session thread would queue up behind it.
+    The message is rendered in the calling thread (its arguments may change later); the writer thread is
+    started on first use in each process, so it exists again after ``--daemon`` forks.
+    """
+
+    def __init__(self, target: logging.Handler):
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            record.msg = record.getMessage()
+            record.args = None
+            if record.exc_info:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+                record.exc_info = None
+            _writer().put((self.target, record))
+        except Exception:
+            self.handleError(record)
+
+
+_queue: "queue.Queue" = queue.Queue()
+_writer_pid = [0]
+_writer_lock = threading.Lock()
+
+
+def _writer() -> "queue.Queue":
+    if _writer_pid[0] != os.getpid():
+        with _writer_lock:
+            if _writer_pid[0] != os.getpid():
+                threading.Thread(target=_write_loop, name="log-writer", daemon=True).start()
+                _writer_pid[0] = os.getpid()
+    return _queue
+
+
+def _write_loop() -> None:
+    while True:
+        target, record = _queue.get()
+        try:
+            target.handle(record)
+        except Exception:  # a broken log must not stop logging
+            pass
+        finally:
+            _queue.task_done()
+
+
+def flush(timeout: float = 5.0) -> None:
+    """Wait (bounded) until every queued log line is written: at exit, so the last lines are not lost."""
+    deadline = time.monotonic() + timeout
+    while _queue.unfinished_tasks and time.monotonic() < deadline and _writer_pid[0] == os.getpid():
+        time.sleep(0.01)
+
+
+atexit.register(flush)
+
+_async_for: Dict[int, _Async] = {}
+
+
+def _async(handler: logging.Handler) -> _Async:
+    wrapper = _async_for.get(id(handler))
+    if wrapper is None or wrapper.target is not handler:
+        wrapper = _async_for[id(handler)] = _Async(handler)
+    return wrapper
+
+
 def _stderr_handler() -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(_FORMAT_STDERR))
@@ -162,7 +233,7 @@ def configure(config: Config, foreground: bool) -> None:
         for h in list(logger.handlers):
             logger.removeHandler(h)
         if name in wanted:
-            logger.addHandler(wanted[name])
+            logger.addHandler(_async(wanted[name]))
             logger.propagate = name == "pmaster"
         else:
             logger.propagate = True
@@ -173,8 +244,10 @@ def configure(config: Config, foreground: bool) -> None:
     in_use = set(id(h) for h in wanted.values())
     for key, h in list(_installed.items()):
         if id(h) not in in_use:
+            flush()
             h.close()
             del _installed[key]
+            _async_for.pop(id(h), None)
 
 
 def hand_over(uid: int, gid: int) -> None:
