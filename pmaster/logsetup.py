@@ -41,6 +41,15 @@ class StrftimeFileHandler(logging.Handler):
         self._io = threading.Lock()
         self._failed: Optional[str] = None  # the path whose failure was reported, to report it once
         self.created_dirs: List[str] = []
+        self.batched = False  # the writer thread flushes once per batch of lines
+
+    def flush(self) -> None:
+        with self._io:
+            if self._stream is not None:
+                try:
+                    self._stream.flush()
+                except OSError:
+                    pass
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -50,7 +59,8 @@ class StrftimeFileHandler(logging.Handler):
                 if path != self._path:
                     self._open(path)
                 self._stream.write(line)
-                self._stream.flush()
+                if not self.batched:
+                    self._stream.flush()
         except Exception:
             self.handleError(record)
 
@@ -140,6 +150,7 @@ class _Async(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            record.process = _pid[0]
             record.msg = record.getMessage()
             record.args = None
             if record.exc_info:
@@ -150,6 +161,18 @@ class _Async(logging.Handler):
             self.handleError(record)
 
 
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
+def _cheap_records() -> None:
+    """Per record, logging asks the OS for the pid and walks the stack for the caller; our lines use
+    neither the caller nor a fresh pid, and under load those costs add up (one system call per line)."""
+    logging.logProcesses = False
+    logging._srcfile = None  # documented switch: no caller look-up (we never print file or line)
+
+
+_cheap_records()
 _queue: "queue.Queue" = queue.Queue()
 _writer_pid = [0]
 _writer_lock = threading.Lock()
@@ -165,13 +188,30 @@ def _writer() -> "queue.Queue":
 
 
 def _write_loop() -> None:
+    """Write what is queued in batches: one wake-up and one flush per handler per batch, not per line."""
     while True:
-        target, record = _queue.get()
-        try:
-            target.handle(record)
-        except Exception:  # a broken log must not stop logging
-            pass
-        finally:
+        batch = [_queue.get()]
+        while len(batch) < 512:
+            try:
+                batch.append(_queue.get_nowait())
+            except queue.Empty:
+                break
+        targets = []
+        for target, record in batch:
+            try:
+                if isinstance(target, StrftimeFileHandler):
+                    target.batched = True
+                target.handle(record)
+            except Exception:  # a broken log must not stop logging
+                pass
+            if target not in targets:
+                targets.append(target)
+        for target in targets:
+            try:
+                target.flush()
+            except Exception:
+                pass
+        for _ in batch:
             _queue.task_done()
 
 

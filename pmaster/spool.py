@@ -32,6 +32,7 @@ import errno
 import fcntl
 import logging
 import os
+import random
 import re
 import secrets
 import threading
@@ -68,8 +69,22 @@ def new_queue_id() -> str:
         # Strictly increasing within the process, even when the clock stands still or steps back.
         now_us = max(time.time_ns() // 1000, _id_last_us + 1)
         _id_last_us = now_us
-    suffix = "".join(secrets.choice(_ID_CHARS) for _ in range(_ID_RANDOM))
+    suffix = "".join(_id_random().choice(_ID_CHARS) for _ in range(_ID_RANDOM))
     return f"{now_us:013X}{suffix}"
+
+
+_rng: "list[random.Random]" = []
+
+
+def _id_random() -> "random.Random":
+    """A generator seeded from the OS once per process: the suffix only separates processes and threads
+    that share a microsecond, so it needs no system call per character (a fork gets a new seed)."""
+    if not _rng:
+        _rng.append(random.Random(secrets.randbits(64)))
+    return _rng[0]
+
+
+os.register_at_fork(after_in_child=_rng.clear)
 
 
 def valid_queue_id(qid: str) -> bool:
@@ -86,6 +101,25 @@ def _fsync_dir(path: str) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def _read_file(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _unlink_quietly(path: str) -> None:
@@ -246,6 +280,7 @@ class Spool:
         self._queue_dir = os.path.join(self.directory, QUEUE)
         self._group_commit = group_commit
         self._queue_sync = GroupSync(lambda: _fsync_dir(self._queue_dir))
+        self._free_cache: tuple[float, int] | None = None
         self._create_directories()
         self._check_version()
 
@@ -295,7 +330,7 @@ class Spool:
     def _write_temp(self, data: bytes, stem: str) -> str:
         """Write ``data`` to a new fsynced file in ``tmp/`` and return its path; nothing is left on failure."""
         for _ in range(_ALLOCATE_TRIES):
-            path = os.path.join(self.directory, TMP, f"{stem}.{secrets.token_hex(6)}.tmp")
+            path = os.path.join(self.directory, TMP, f"{stem}.{_id_random().getrandbits(48):012x}.tmp")
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 break
@@ -304,10 +339,11 @@ class Spool:
         else:
             raise OSError(errno.EEXIST, "cannot allocate a temporary file")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except BaseException:
             _unlink_quietly(path)
             raise
@@ -380,8 +416,7 @@ class Spool:
         """Read an envelope; an unreadable record, or one without its body, moves to ``corrupt/``."""
         env_path = self._path(QUEUE, qid, ENV_SUFFIX)
         try:
-            with open(env_path, "rb") as f:
-                raw = f.read()
+            raw = _read_file(env_path)
         except FileNotFoundError:
             raise QueueIdError(f"{qid}: no such message") from None
         except OSError as exc:
@@ -423,10 +458,17 @@ class Spool:
         except FileNotFoundError:
             raise QueueIdError(f"{qid}: no such message") from None
 
-    def free_space(self) -> int:
-        """Bytes available to unprivileged users on the spool's file system."""
+    def free_space(self, max_age: float = 1.0) -> int:
+        """Bytes available to unprivileged users on the spool's file system (re-read at most every
+        ``max_age`` seconds: every MAIL asks, and a second-old answer is as good)."""
+        now = time.monotonic()
+        cached = self._free_cache
+        if cached is not None and now - cached[0] < max_age:
+            return cached[1]
         st = os.statvfs(self.directory)
-        return st.f_bavail * st.f_frsize
+        free = st.f_bavail * st.f_frsize
+        self._free_cache = (now, free)
+        return free
 
     # -- locking --------------------------------------------------------------------------------------
 
@@ -528,7 +570,8 @@ class SpoolWriter:
         self.size = 0
         self.queue_id, fd = self._allocate()
         self._tmp_path = spool._path(TMP, self.queue_id, BODY_SUFFIX)
-        self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+        self._fd: int | None = fd
+        self._buf = bytearray()
         self._committed = False
 
     def _allocate(self) -> tuple[str, int]:
@@ -543,33 +586,40 @@ class SpoolWriter:
             except OSError as exc:
                 raise SpoolError(f"cannot create spool file: {exc}") from exc
             # The same id may have been committed already (its temp file is gone): never reuse it.
-            if not self._spool._record_exists(qid):
+            if not os.path.exists(self._spool._path(QUEUE, qid, BODY_SUFFIX)):
                 return qid, fd
             os.close(fd)
             _unlink_quietly(path)
         raise SpoolError("cannot allocate a queue id")
 
     def write(self, data: bytes) -> None:
-        if self._file is None:
+        if self._fd is None:
             raise SpoolError(f"{self.queue_id}: write after commit or abort")
+        self._buf += data
+        self.size += len(data)
+        if len(self._buf) >= _WRITE_BUFFER:
+            self._drain()
+
+    def _drain(self) -> None:
         try:
-            self._file.write(data)
+            _write_all(self._fd, self._buf)
         except OSError as exc:
             self.abort()
             raise SpoolError(f"{self.queue_id}: cannot write message: {exc}") from exc
-        self.size += len(data)
+        del self._buf[:]
 
     def commit(self, env: Envelope) -> None:
         """Make body and envelope durable; only after this returns may the server answer 250."""
         if env.queue_id != self.queue_id:
             raise ValueError(f"envelope queue id {env.queue_id!r} is not the writer's {self.queue_id!r}")
-        if self._file is None:
+        if self._fd is None:
             raise SpoolError(f"{self.queue_id}: commit after commit or abort")
         spool = self._spool
         body_dst = spool._path(QUEUE, self.queue_id, BODY_SUFFIX)
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            _write_all(self._fd, self._buf)
+            del self._buf[:]
+            os.fsync(self._fd)
             self._close()
             os.rename(self._tmp_path, body_dst)
             spool._install_env(env)
@@ -587,9 +637,9 @@ class SpoolWriter:
         self._undo()
 
     def _close(self) -> None:
-        f, self._file = self._file, None
-        if f is not None:
-            f.close()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _undo(self) -> None:
         try:

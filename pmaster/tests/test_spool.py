@@ -364,7 +364,7 @@ def test_recover_handles_body_without_envelope_after_crash(tmp_path):
         f.write(b"never acknowledged\r\n")
     unfinished = spool.writer()
     unfinished.write(b"partial")
-    unfinished._file.flush()
+    unfinished._drain()  # the partial body reaches tmp/
     assert spool.recover() == [orphan]
     assert spool.ids() == [good.queue_id]
     assert listing(spool, "tmp") == []
