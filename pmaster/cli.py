@@ -104,6 +104,10 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return queuecmd.main(args)
 
 
+def cmd_passwd(args: argparse.Namespace) -> int:
+    raise PmasterError("passwd: the web admin ([webadmin]) is not supported yet by this version of pmaster")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", default=default_config(),
@@ -139,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     queue.set_defaults(func=cmd_queue)
 
     sub.add_parser("deliver", help="local delivery into Maildirs (reads the message on stdin)", add_help=False)
+
+    passwd = sub.add_parser("passwd", parents=[common], help="web-admin users (needs [webadmin]: not yet)")
+    passwd.add_argument("user")
+    passwd.set_defaults(func=cmd_passwd)
     return p
 
 

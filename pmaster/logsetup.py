@@ -174,6 +174,17 @@ def _cheap_records() -> None:
 
 _cheap_records()
 _queue: "queue.Queue" = queue.Queue()
+
+
+def _after_fork_in_child() -> None:
+    """The writer thread does not survive a fork, and it may have held the queue's lock at that moment:
+    the child starts over with a fresh queue (lines queued before the fork belong to the parent)."""
+    global _queue
+    _queue = queue.Queue()
+    _writer_pid[0] = 0
+
+
+os.register_at_fork(after_in_child=lambda: _after_fork_in_child())
 _writer_pid = [0]
 _writer_lock = threading.Lock()
 

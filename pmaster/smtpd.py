@@ -448,6 +448,10 @@ class Session:
                           self.tx.mail_from, address)
             self._count("rejection", "no_route" if exc.reply.code == 550 else "routing_error")
             raise SmtpError(exc.reply)
+        if any(t.extension.startswith("-") for t in targets):
+            # The extension reaches ${EXTENSION} as a word of its own: "-x" would be an option there.
+            raise SmtpError(Reply(553, "5.1.3", "<%s>: Recipient address rejected: bad address extension"
+                                  % address))
         if not domain:
             address = "%s@%s" % (address, config.core.hostname)
         self.tx.recipients.append((address, targets))

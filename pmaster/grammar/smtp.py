@@ -68,7 +68,9 @@ BAD_RECIPIENT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
 # Phases of a MAIL/RCPT line, recorded on each token so an error names the part that is wrong.
 _KEYWORD, _ADDRESS, _PARAMS = "keyword", "address", "params"
 
-_LABEL = "[A-Za-z0-9_\\-\u0080-\U0010ffff]+"
+# RFC 5321 Let-dig: a label neither starts nor ends with "-" (a leading one would reach ${RCPT_DOMAIN} as an
+# option); "_" is tolerated, as Postfix does, and 8-bit labels are kept for broken clients.
+_LABEL = "[A-Za-z0-9_\u0080-\U0010ffff](?:[A-Za-z0-9_\\-\u0080-\U0010ffff]*[A-Za-z0-9_\u0080-\U0010ffff])?"
 _DOMAIN = re.compile("%s(?:\\.%s)*\\.?" % (_LABEL, _LABEL))
 _IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
 _GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+")

@@ -90,7 +90,8 @@ BAD_SENDER = [
 ]
 
 BAD_RECIPIENT = ["RCPT TO:<>", "RCPT TO:", "RCPT TO:<a@b", "RCPT TO:<a@b@c>", "RCPT TO:<@x,:a@b>",
-                 "RCPT TO:<x\\y@b.org>", "RCPT TO:<(comment)joe@b.org>"]
+                 "RCPT TO:<x\\y@b.org>", "RCPT TO:<(comment)joe@b.org>", "RCPT TO:<joe@-oq>",
+                 "RCPT TO:<joe@ab-.example.org>"]
 
 
 @pytest.mark.parametrize("line,verb,attr,expected", VALID)

@@ -241,6 +241,19 @@ def test_recipient_with_leading_dash_answers_553_5_1_3(client):
     assert code(client.cmd("RCPT TO:<-joe@example.org>")) == "553 5.1.3"
 
 
+def test_recipient_extension_with_leading_dash_answers_553_5_1_3(tmp_path):
+    config = CONFIG.replace("  min-free-space = {min_free}", "  min-free-space = {min_free}\n  recipient-delimiter = +")
+    with serve(tmp_path, config=config) as srv, srv.client() as c:
+        start_mail(c, rcpts=())
+        assert code(c.cmd("RCPT TO:<joe+-oops@example.org>")) == "553 5.1.3"
+        assert code(c.cmd("RCPT TO:<joe+news@example.org>")) == "250 2.1.5"
+
+
+def test_recipient_domain_label_with_leading_dash_answers_501(client):
+    start_mail(client, rcpts=())
+    assert code(client.cmd("RCPT TO:<joe@-oq>")) == "501 5.1.3"
+
+
 def test_recipient_domain_case_and_trailing_dot_match_the_routing_key(server, client):
     start_mail(client, rcpts=("Joe@EXAMPLE.org.",))
     qid = qid_of(send_data(client, MESSAGE))
