@@ -2,9 +2,10 @@
 
 API: ``main(args) -> int`` (argparse namespace from the CLI: ``config``, ``action``, ``id``, ``json``).
 Invariants: works whether or not the daemon runs. Every change is a read-modify-write of the envelope under
-  the message lock, so it never races a delivery's result; the daemon notices the changed record at its next
-  scan (within seconds). ``flush`` leaves held messages alone. Without a daemon, ``flush`` marks messages due
-  now and ``bounce`` writes the report into the spool: both go out when the daemon starts (SPEC 9).
+  the message lock, so it never races a delivery's result; after each change it touches ``<spool>/trigger``
+  (``scheduler.touch_trigger``), so a running daemon rescans the queue within about a second. ``flush``
+  leaves held messages alone. Without a daemon, ``flush`` marks messages due now and ``bounce`` writes the
+  report into the spool: both go out when the daemon starts (SPEC 9).
 Errors: an unknown id, a message that stays locked, an unreadable spool: one line, exit 1 (via the CLI).
 """
 
@@ -19,7 +20,7 @@ from pmaster.config import Config, load
 from pmaster.envelope import BOUNCED, PENDING, Envelope
 from pmaster.errors import PmasterError, QueueIdError, SpoolError
 from pmaster.routing import bounce_recipients
-from pmaster.scheduler import send_bounce
+from pmaster.scheduler import send_bounce, touch_trigger
 from pmaster.spool import Spool, valid_queue_id
 
 LOCK_WAIT = 30.0
@@ -118,6 +119,7 @@ def _change(spool: Spool, qid: str, fn) -> Envelope:
         env = spool.load(qid)
         fn(env)
         spool.save(env)
+    touch_trigger(spool)
     return env
 
 
@@ -152,6 +154,7 @@ def cmd_bounce(spool: Spool, config: Config, qid: str) -> int:
         spool.save(env)
         report = send_bounce(spool, env, failed, config, bounce_recipients, now) if failed else None
         spool.remove(qid)
+    touch_trigger(spool)  # the daemon forgets the message and picks up the report
     print("%s: bounced %d recipient%s%s" % (qid, len(failed), "" if len(failed) == 1 else "s",
                                           "; report %s" % report if report else ""))
     return 0
@@ -201,6 +204,7 @@ def main(args: argparse.Namespace) -> int:
             raise QueueIdError("no message %s in the queue" % qid)
         with spool.lock(qid, timeout=LOCK_WAIT):
             spool.remove(qid)
+        touch_trigger(spool)
         print("%s: deleted" % qid)
         return 0
     if action == "bounce":

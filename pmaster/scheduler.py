@@ -10,23 +10,35 @@ API:
   ``destination_limit(config)``: jobs per destination at once: ``destination-concurrency``, at most
      ``workers - 1`` (so one worker is always free for other destinations).
   ``send_bounce(spool, env, failed, config, route_bounce, now)``: queue the report (also used by the CLI).
+  ``touch_trigger(spool)``: tell a running daemon that something outside it changed the spool (the CLI).
 Invariants:
   - The spool is the only input; the scheduler never imports routing: bounces are routed by the
     ``route_bounce`` callable the daemon passes in (unnamed ``[route]`` table, ``relay()`` for the rest).
   - A recipient is in at most one job at a time (``busy`` set), so a concurrent ``pmaster queue flush``
     never causes a second delivery. Results are applied under the message lock on a freshly loaded
     envelope and saved durably before the next attempt; a recipient recorded as sent is never retried.
+    A job that leaves nothing to do removes the message without saving it first (a crash in between can
+    only repeat a delivery that was in progress, which SPEC 5 allows).
   - At most ``destination_limit`` jobs per destination run at once; a job whose destination is full
     waits in the plan, never in a worker, so one dead destination cannot hold every worker. When a job
-    ends, the messages waiting for its destination are planned at once (no scan delay).
+    ends, the messages waiting for its destination are planned at once (no scan delay), oldest first.
   - A report is queued before the failure that caused it is saved: a crash may repeat a report, never lose it.
   - A temporary failure retries at ``backoff``, but never later than arrival + ``queue-lifetime``; the first
     attempt at or after that time bounces the recipient (DSN status 4.4.7).
   - Mailer sections are looked up by name at delivery time, so a reload applies to queued mail; a
     section that has gone defers the recipient.
-Threading: one ``sched`` thread plans; ``deliver-N`` threads run jobs; shared state under ``_lock``.
+  - Work per planning round is proportional to what is due or changed, not to the queue: timed wake-ups
+    come from a heap of (due, qid) with lazy deletion; messages are read again only when notified, when a
+    job ends, or when a rescan finds their record changed. The whole queue is rescanned at start, on
+    ``notify(None)``, when ``<spool>/trigger`` changes (``pmaster queue`` touches it; checked every
+    ``TRIGGER_CHECK`` seconds) and every ``FULL_SCAN_INTERVAL`` seconds as a safety net.
+Threading: one ``sched`` thread plans and alone touches the heap and ``_known``; ``deliver-N`` threads run
+  jobs; state shared between them is under ``_lock``. An envelope handed from one thread to another
+  (planning to a job, a recorded result back to planning) is never modified after the hand-over.
 """
 
+import dataclasses
+import heapq
 import logging
 import os
 import queue
@@ -46,7 +58,15 @@ log = logging.getLogger("pmaster.scheduler")
 
 RELAY_BATCH = 100
 STATUS_WORDS = {SENT: "sent", BOUNCED: "bounced", PENDING: "deferred"}
-SCAN_INTERVAL = 2.0
+SCAN_INTERVAL = 2.0  # longest sleep after a planning error
+TRIGGER_CHECK = 1.0  # how often the trigger file is looked at (and the longest planner sleep)
+FULL_SCAN_INTERVAL = 60.0  # safety net: rescan the whole queue this often even without a trigger
+WAITING_RECHECK = 10.0  # a message waiting for a full destination is looked at again after this
+TRIGGER_FILE = "trigger"
+DRAIN_PER_ROUND = 10000  # waiting messages planned per round at most (the rest in the next round)
+MAX_CACHED = 2000  # envelopes kept for messages waiting for a full destination (not read again when it frees)
+
+Stamp = Tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size) of an envelope: a save renames a new file in
 
 
 def backoff(attempts: int, retry_min: int, retry_max: int) -> int:
@@ -63,6 +83,10 @@ class Job:
     target: str
     destination: str
     indexes: Tuple[int, ...]  # positions in envelope.recipients
+    # The envelope planning read, and its file's stamp: the worker reads it again only when the record
+    # changed since (the CLI held or deleted it). Not part of the job's identity.
+    envelope: Optional[Envelope] = dataclasses.field(default=None, compare=False, repr=False)
+    stamp: Optional[Stamp] = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def destination_of(r: Recipient) -> str:
@@ -80,7 +104,7 @@ def batch_limit(r: Recipient, config: Config) -> int:
 
 
 def plan_jobs(env: Envelope, config: Config, now: float, busy: Set[Tuple[str, int]]) -> List[Job]:
-    """Group the due, idle, pending recipients of one message into jobs (pure)."""
+    """Group the due, idle, pending recipients of one message into jobs (pure); each job carries ``env``."""
     if env.held:
         return []
     groups: Dict[str, List[int]] = {}
@@ -93,7 +117,8 @@ def plan_jobs(env: Envelope, config: Config, now: float, busy: Set[Tuple[str, in
         first = env.recipients[idxs[0]]
         size = batch_limit(first, config)
         for start in range(0, len(idxs), size):
-            jobs.append(Job(env.queue_id, first.mailer, first.target, dest, tuple(idxs[start:start + size])))
+            jobs.append(Job(env.queue_id, first.mailer, first.target, dest, tuple(idxs[start:start + size]),
+                            envelope=env))
     return jobs
 
 
@@ -119,20 +144,51 @@ def _pending_destinations(env: Envelope) -> FrozenSet[str]:
     return frozenset(destination_of(r) for r in env.recipients if r.state == PENDING)
 
 
+def trigger_path(spool: Spool) -> str:
+    return os.path.join(spool.directory, TRIGGER_FILE)
+
+
+def touch_trigger(spool: Spool) -> None:
+    """Make ``<spool>/trigger`` newer, so a running daemon rescans the queue within ``TRIGGER_CHECK``.
+
+    The new time is at least one nanosecond past the old one: on a coarse file-system clock two changes in
+    one tick would otherwise look like one. A failure only delays the daemon until its safety-net rescan.
+    """
+    path = trigger_path(spool)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            stamp = max(time.time_ns(), os.fstat(fd).st_mtime_ns + 1)
+            os.utime(fd, ns=(stamp, stamp))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("cannot touch %s: %s (the daemon notices within %ds)", path, exc, FULL_SCAN_INTERVAL)
+
+
+def _trigger_stamp(spool: Spool) -> Optional[Tuple[int, int, int]]:
+    try:
+        st = os.stat(trigger_path(spool))
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns
+
+
 @dataclass
 class _Known:
-    """What the planner remembers of one message between scans (so it need not reload every envelope)."""
+    """What the planner remembers of one message (so it need not read every envelope every round)."""
 
-    mtime: int  # st_mtime_ns of the envelope when it was read
-    due: Optional[float]  # None: nothing to do (held, or in flight with nothing else pending)
-    destinations: FrozenSet[str]  # destinations of its pending recipients
+    stamp: Optional[Stamp]  # of the envelope when it was last read; None: not read yet
+    due: Optional[float]  # its entry in the heap; None: nothing scheduled (held, in flight, waiting, planning)
+    destinations: FrozenSet[str]  # destinations of its pending recipients (empty: not known yet)
 
 
-def _env_mtime(spool: Spool, qid: str) -> int:
-    """The envelope's st_mtime_ns: a changed record (a delivery, ``pmaster queue``) is read again."""
+def _env_stamp(spool: Spool, qid: str) -> Stamp:
+    """Identity of the envelope file: a changed record (a delivery, ``pmaster queue``) is read again."""
     env_path = getattr(spool, "env_path", None)
     path = env_path(qid) if env_path is not None else spool._path(QUEUE, qid, ENV_SUFFIX)
-    return os.stat(path).st_mtime_ns
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 MailerFn = Callable[[Delivery, str, str], List[Result]]
@@ -151,15 +207,24 @@ class Scheduler:
         self._wake = threading.Event()
         self._jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
         self._busy: Set[Tuple[str, int]] = set()
+        self._jobs_of: Dict[str, int] = {}  # qid -> its jobs planned and not yet ended
         self._active: Dict[str, int] = {}
-        self._known: Dict[str, _Known] = {}  # only the sched thread touches it
-        self._dirty: Set[str] = set()  # reload these envelopes at the next planning round
-        self._kick: Set[str] = set()  # plan these now: a destination they wait for has room again
-        self._waiting: Dict[str, Set[str]] = {}  # destination -> messages due but held back by its limit
+        # Only the sched thread touches these three.
+        self._known: Dict[str, _Known] = {}
+        self._heap: List[Tuple[float, str]] = []  # (due, qid); stale when _known[qid].due differs
+        self._cache: Dict[str, Tuple[Stamp, Envelope]] = {}  # read for messages now waiting for a destination
+        # Under _lock: handed in by notify() and by the workers.
+        self._dirty: Set[str] = set()  # read these envelopes again at the next planning round
+        self._gone: Set[str] = set()  # removed by a job: forget them
+        self._fresh: Dict[str, Tuple[Stamp, Envelope]] = {}  # envelopes just saved by a job, for planning
+        self._waiting: Dict[str, Dict[str, None]] = {}  # destination -> messages held back by its limit, oldest first
+        self._rescan = True  # a full rescan is wanted (start, notify(None))
         self._threads: List[threading.Thread] = []
         self._stopping = False
         self._deadline: Optional[float] = None
-        self._last_scan = 0.0
+        self._last_full = 0.0
+        self._last_trigger_check = 0.0
+        self._trigger_seen: Optional[Tuple[int, int, int]] = None
         self._in_flight = 0
         self.metrics = None  # set by the daemon: has delivery(mailer, sent|deferred|bounced, seconds)
 
@@ -188,7 +253,7 @@ class Scheduler:
             if qid is not None:
                 self._dirty.add(qid)
             else:
-                self._last_scan = 0.0
+                self._rescan = True
         self._wake.set()
 
     def stop(self, deadline: float) -> None:
@@ -217,6 +282,8 @@ class Scheduler:
                 timeout = self._plan_once()
             except Exception:
                 log.exception("scheduler planning failed; retrying")
+                with self._lock:
+                    self._rescan = True  # the round may have dropped notifications: look at everything
                 timeout = SCAN_INTERVAL
             self._wake.wait(timeout)
             self._wake.clear()
@@ -224,34 +291,129 @@ class Scheduler:
     def _plan_once(self) -> float:
         config = self.config_source()
         now = self.now()
-        mono = time.monotonic()
-        with self._lock:
-            rescan = mono - self._last_scan >= SCAN_INTERVAL
-            if rescan:
-                self._last_scan = mono
-        if rescan:
-            self._scan()
+        if self._rescan_wanted(time.monotonic()):
+            self._scan(now)
         with self._lock:
             dirty, self._dirty = self._dirty, set()
-            kick, self._kick = self._kick, set()
-        for qid in dirty:
-            self._refresh(qid)
-        for qid in kick:
-            info = self._known.get(qid)
-            if info is not None:
-                info.due = now if info.due is None else min(info.due, now)
-        wait = SCAN_INTERVAL
+            gone, self._gone = self._gone, set()
+        for qid in gone:
+            self._forget(qid)
+        for qid in dirty - gone:
+            self._cache.pop(qid, None)  # changed: read it again (or take what its job handed back)
+            self._make_due(qid, now)
         limit = destination_limit(config)
-        for qid, info in sorted(self._known.items()):
-            if info.due is None:
+        self._plan_due(config, now, limit)
+        self._drain_waiting(config, now, limit)
+        return self._next_wait(now)
+
+    def _rescan_wanted(self, mono: float) -> bool:
+        """A full rescan at start, on notify(None), when the trigger file changed, and every minute."""
+        with self._lock:
+            forced, self._rescan = self._rescan, False
+        if not forced and mono - self._last_full < FULL_SCAN_INTERVAL:
+            if mono - self._last_trigger_check < TRIGGER_CHECK:
+                return False
+            self._last_trigger_check = mono
+            stamp = _trigger_stamp(self.spool)
+            if stamp == self._trigger_seen:
+                return False
+        else:
+            stamp = _trigger_stamp(self.spool)
+        # Looked at before the scan: a change made after this point touches the trigger again.
+        self._trigger_seen = stamp
+        self._last_full = self._last_trigger_check = mono
+        return True
+
+    def _scan(self, now: float) -> None:
+        """Compare every envelope's stamp with what we know; new and changed messages are planned now."""
+        try:
+            present = self.spool.ids()
+        except SpoolError as exc:
+            log.error("cannot scan the queue: %s", exc)
+            return
+        seen = set(present)
+        for qid in [q for q in self._known if q not in seen]:
+            self._forget(qid)
+        for qid in present:
+            try:
+                stamp = _env_stamp(self.spool, qid)
+            except (OSError, SpoolError):
+                self._forget(qid)
                 continue
-            if info.due > now:
-                wait = min(wait, info.due - now)
-                continue
+            info = self._known.get(qid)
+            if info is None or info.stamp != stamp:
+                self._cache.pop(qid, None)
+                self._make_due(qid, now)  # planning reads it (once), not the scan
+
+    def _forget(self, qid: str) -> None:
+        self._known.pop(qid, None)  # its heap entries go stale
+        self._cache.pop(qid, None)
+        with self._lock:
+            self._fresh.pop(qid, None)
+
+    def _set_due(self, qid: str, info: _Known, due: Optional[float]) -> None:
+        """Keep the invariant: ``info.due`` is not None exactly when a heap entry (due, qid) is valid."""
+        if due == info.due:
+            return
+        info.due = due
+        if due is not None:
+            heapq.heappush(self._heap, (due, qid))
+
+    def _make_due(self, qid: str, now: float) -> None:
+        info = self._known.get(qid)
+        if info is None:
+            info = self._known[qid] = _Known(None, None, frozenset())
+        self._set_due(qid, info, now if info.due is None else min(info.due, now))
+
+    def _plan_due(self, config: Config, now: float, limit: int) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            due, qid = heapq.heappop(heap)
+            info = self._known.get(qid)
+            if info is None or info.due != due:
+                continue  # stale: the message changed its time or is gone
+            info.due = None  # consumed; planning sets the next one
             if info.destinations and self._all_full(qid, info.destinations, limit):
-                info.due = None  # woken through _kick when one of its destinations has room
-                continue
+                continue  # planned again when one of its destinations has room
             self._plan_message(qid, config, now, limit)
+
+    def _drain_waiting(self, config: Config, now: float, limit: int) -> None:
+        """Plan waiting messages, oldest first, for every destination that has room again."""
+        for _ in range(DRAIN_PER_ROUND):
+            qid = self._next_waiting(limit)
+            if qid is None:
+                return
+            if qid in self._known:
+                self._plan_message(qid, config, now, limit)
+        self._wake.set()  # more to do: go on in the next round
+
+    def _next_waiting(self, limit: int) -> Optional[str]:
+        with self._lock:
+            for dest, waiters in self._waiting.items():
+                if self._active.get(dest, 0) >= limit:
+                    continue
+                qid = next(iter(waiters))
+                del waiters[qid]
+                if not waiters:
+                    del self._waiting[dest]
+                return qid
+        return None
+
+    def _next_wait(self, now: float) -> float:
+        heap, known = self._heap, self._known
+        if len(heap) > 2 * len(known) + 1024:
+            # Too many stale entries: rebuild from what is valid.
+            self._heap = heap = [(i.due, q) for q, i in known.items() if i.due is not None]
+            heapq.heapify(heap)
+        while heap:
+            due, qid = heap[0]
+            info = known.get(qid)
+            if info is not None and info.due == due:
+                break
+            heapq.heappop(heap)
+        wait = TRIGGER_CHECK
+        if heap:
+            wait = min(wait, heap[0][0] - now)
         return max(0.05, wait)
 
     def _all_full(self, qid: str, destinations: FrozenSet[str], limit: int) -> bool:
@@ -260,77 +422,78 @@ class Scheduler:
             if any(self._active.get(d, 0) < limit for d in destinations):
                 return False
             for d in destinations:
-                self._waiting.setdefault(d, set()).add(qid)
+                self._waiting.setdefault(d, {})[qid] = None
             return True
 
-    def _scan(self) -> None:
-        try:
-            present = set(self.spool.ids())
-        except SpoolError as exc:
-            log.error("cannot scan the queue: %s", exc)
-            return
-        for qid in list(self._known):
-            if qid not in present:
-                del self._known[qid]
-        for qid in sorted(present):
-            self._refresh(qid)
+    def _read(self, qid: str) -> Optional[Tuple[Stamp, Envelope]]:
+        """The envelope and its stamp, read from the spool only when planning has no current copy.
 
-    def _refresh(self, qid: str) -> None:
+        Current copies are the one a job just saved, and the one kept while the message waited for a
+        destination. Both are dropped when the record changes in the daemon (``notify``, a job's end) or
+        outside it (a rescan sees another stamp); a job whose record changed after planning reads it again
+        before delivering (``_job_envelope``), so a copy planned from in the meantime never delivers
+        a held or deleted message.
+        """
+        with self._lock:
+            fresh = self._fresh.pop(qid, None)
+        cached = self._cache.pop(qid, None)
+        if fresh is not None:
+            return fresh
+        if cached is not None:
+            return cached
         try:
-            mtime = _env_mtime(self.spool, qid)
+            stamp = _env_stamp(self.spool, qid)  # before reading: a change in between reads again later
         except (OSError, SpoolError):
-            self._known.pop(qid, None)
-            return
-        known = self._known.get(qid)
-        if known is not None and known.mtime == mtime:
-            return
+            return None
         try:
-            env = self.spool.load(qid)
-        except QueueIdError:
-            self._known.pop(qid, None)
-            return
-        except SpoolError as exc:
-            log.error("%s: %s", qid, exc)  # load() moved it to corrupt/: it never stops the scheduler
-            self._known.pop(qid, None)
-            return
-        # A finished record left behind (a crash between saving and removing) is due for removal now.
-        due = self.now() if env.done() else next_due(env)
-        self._known[qid] = _Known(mtime, due, _pending_destinations(env))
-
-    def _plan_message(self, qid: str, config: Config, now: float, limit: int) -> None:
-        try:
-            env = self.spool.load(qid)
+            return stamp, self.spool.load(qid)
         except SpoolError as exc:
             if not isinstance(exc, QueueIdError):
-                log.error("%s: %s", qid, exc)
-            self._known.pop(qid, None)
+                log.error("%s: %s", qid, exc)  # load() moved it to corrupt/: it never stops the scheduler
+            return None
+
+    def _plan_message(self, qid: str, config: Config, now: float, limit: int) -> None:
+        got = self._read(qid)
+        if got is None:
+            self._forget(qid)
             return
+        stamp, env = got
         if env.done():
-            self._finish(qid)
+            # A finished record left behind (a crash between saving and removing): remove it now.
+            if not self._finish(qid):
+                self._make_due(qid, now + TRIGGER_CHECK)  # someone holds its lock: look again soon
             return
+        waits = False
         with self._lock:
             jobs = plan_jobs(env, config, now, self._busy)
             for job in jobs:
                 if self._active.get(job.destination, 0) >= limit:
-                    self._waiting.setdefault(job.destination, set()).add(qid)
+                    self._waiting.setdefault(job.destination, {})[qid] = None
+                    waits = True
                     continue
                 self._active[job.destination] = self._active.get(job.destination, 0) + 1
+                self._jobs_of[qid] = self._jobs_of.get(qid, 0) + 1
                 self._busy.update((qid, i) for i in job.indexes)
-                self._jobs.put(job)
-            in_flight = any(k[0] == qid for k in self._busy)
+                self._jobs.put(dataclasses.replace(job, stamp=stamp))
+            in_flight = qid in self._jobs_of
             due_idle = [r.next_attempt for i, r in enumerate(env.recipients)
                         if r.state == PENDING and (qid, i) not in self._busy]
-        info = self._known.get(qid)
-        mtime = info.mtime if info is not None else 0
         # Recipients in flight make the message dirty when their job ends; those held back by a full
-        # destination are kicked when it has room; the rest are due at their own time.
+        # destination are planned when it has room; the rest are due at their own time.
         future = [t for t in due_idle if t > now]
         due = min(future) if future else None
         if env.held:
             due = None
         if due is None and not in_flight and not env.held and due_idle:
-            due = now + SCAN_INTERVAL  # safety net: never forget a message
-        self._known[qid] = _Known(mtime, due, _pending_destinations(env))
+            due = now + WAITING_RECHECK  # safety net: never forget a message
+        info = self._known.get(qid)
+        if info is None:
+            info = self._known[qid] = _Known(stamp, None, frozenset())
+        info.stamp = stamp
+        info.destinations = _pending_destinations(env)
+        self._set_due(qid, info, due)
+        if waits and len(self._cache) < MAX_CACHED:
+            self._cache[qid] = (stamp, env)  # planned again as soon as the destination has room
 
     # -- delivering
 
@@ -339,32 +502,55 @@ class Scheduler:
             job = self._jobs.get()
             if job is None:
                 return
+            gone = False
             try:
-                self._run(job)
+                gone = self._run(job)
             except Exception:
                 log.exception("%s: delivery job failed", job.queue_id)
             finally:
-                self._job_done(job)
+                self._job_done(job, gone)
 
-    def _job_done(self, job: Job) -> None:
+    def _job_done(self, job: Job, gone: bool) -> None:
+        qid = job.queue_id
         with self._lock:
             self._active[job.destination] -= 1
             if not self._active[job.destination]:
                 del self._active[job.destination]
-            self._busy.difference_update((job.queue_id, i) for i in job.indexes)
-            self._dirty.add(job.queue_id)
-            self._kick.update(self._waiting.pop(job.destination, ()))
+            left = self._jobs_of.get(qid, 1) - 1
+            if left:
+                self._jobs_of[qid] = left
+            else:
+                self._jobs_of.pop(qid, None)
+            self._busy.difference_update((qid, i) for i in job.indexes)
+            # Planning looks at the message again, and at the messages waiting for this destination.
+            if gone:
+                self._gone.add(qid)
+            else:
+                self._dirty.add(qid)
         self._wake.set()
 
-    def _run(self, job: Job) -> None:
-        config = self.config_source()
+    def _job_envelope(self, job: Job) -> Optional[Envelope]:
+        """The envelope planning read, unless the record has changed since (then read it again)."""
         try:
-            env = self.spool.load(job.queue_id)
+            stamp = _env_stamp(self.spool, job.queue_id)
+        except (OSError, SpoolError):
+            return None
+        if job.envelope is not None and stamp == job.stamp:
+            return job.envelope
+        try:
+            return self.spool.load(job.queue_id)
         except SpoolError:
-            return
+            return None
+
+    def _run(self, job: Job) -> bool:
+        """Deliver one job and record the results; True when the message is gone from the spool."""
+        config = self.config_source()
+        env = self._job_envelope(job)
+        if env is None:
+            return not self.spool.exists(job.queue_id)
         recipients = [env.recipients[i] for i in job.indexes]
         if any(r.state != PENDING for r in recipients) or env.held:
-            return
+            return False
         with self._lock:
             deadline = self._deadline
             self._in_flight += 1
@@ -382,21 +568,25 @@ class Scheduler:
         if len(results) != len(recipients):
             results = [Result(TEMPFAIL, "mailer returned %d results for %d recipients"
                               % (len(results), len(recipients)))] * len(recipients)
-        self._record(job, results, config, time.monotonic() - started)
+        return self._record(job, results, config, time.monotonic() - started)
 
-    def _record(self, job: Job, results: List[Result], config: Config, elapsed: float) -> None:
-        """Apply a job's results to a fresh copy of the envelope and save it before anything else happens."""
+    def _record(self, job: Job, results: List[Result], config: Config, elapsed: float) -> bool:
+        """Apply a job's results to a fresh copy of the envelope and save it before anything else happens.
+
+        Returns True when the message is gone from the spool.
+        """
         now = self.now()
+        qid = job.queue_id
         try:
-            lock = self.spool.lock(job.queue_id)
+            lock = self.spool.lock(qid)
         except SpoolError:
-            return
+            return not self.spool.exists(qid)
         with lock:
             try:
-                env = self.spool.load(job.queue_id)
+                env = self.spool.load(qid)
             except SpoolError:
-                log.info("%s: removed during delivery", job.queue_id)
-                return
+                log.info("%s: removed during delivery", qid)
+                return not self.spool.exists(qid)
             newly_bounced: List[Recipient] = []
             for i, result in zip(job.indexes, results):
                 r = env.recipients[i]
@@ -408,6 +598,8 @@ class Scheduler:
                 self._log_result(env, r, now)
                 if self.metrics is not None:
                     self.metrics.delivery(job.mailer, STATUS_WORDS[r.state], elapsed)
+            if env.done() and not newly_bounced and self._remove(qid):
+                return True  # nothing left to record: no save first (durable removal is enough)
             # The report is queued before the failure is recorded: a crash in between can only repeat the
             # report, never lose it.
             if newly_bounced:
@@ -415,11 +607,30 @@ class Scheduler:
             try:
                 self.spool.save(env)
             except SpoolError as exc:
-                log.error("%s: cannot record delivery results: %s", job.queue_id, exc)
-                return
+                log.error("%s: cannot record delivery results: %s", qid, exc)
+                return False
             if env.done():
-                self.spool.remove(job.queue_id)
-                log.info("%s: removed", job.queue_id)
+                return self._remove(qid)
+            self._hand_back(env)
+        return False
+
+    def _remove(self, qid: str) -> bool:
+        try:
+            self.spool.remove(qid)
+        except SpoolError as exc:
+            log.error("%s: cannot remove delivered message: %s", qid, exc)
+            return False
+        log.info("%s: removed", qid)
+        return True
+
+    def _hand_back(self, env: Envelope) -> None:
+        """Give the envelope just saved to planning, so it need not read it again."""
+        try:
+            stamp = _env_stamp(self.spool, env.queue_id)
+        except (OSError, SpoolError):
+            return
+        with self._lock:
+            self._fresh[env.queue_id] = (stamp, env)
 
     def _apply(self, env: Envelope, r: Recipient, result: Result, config: Config, now: float) -> None:
         r.attempts += 1
@@ -456,10 +667,11 @@ class Scheduler:
         if qid:
             self.notify(qid)
 
-    def _finish(self, qid: str) -> None:
+    def _finish(self, qid: str) -> bool:
+        """Remove a message found finished; False when its lock is taken (try again later)."""
         lock = self.spool.try_lock(qid)
         if lock is None:
-            return
+            return False
         with lock:
             try:
                 if self.spool.load(qid).done():
@@ -467,7 +679,8 @@ class Scheduler:
                     log.info("%s: removed", qid)
             except SpoolError:
                 pass
-        self._known.pop(qid, None)
+        self._forget(qid)
+        return True
 
 
 def send_bounce(spool: Spool, env: Envelope, failed: List[Recipient], config: Config, route_bounce: BounceRouter,

@@ -494,3 +494,85 @@ def _attempts(s: Setup, qid: str):
 def _read(s: Setup, name: str) -> str:
     with open(os.path.join(s.tmp, name), encoding="utf-8", errors="replace") as f:
         return f.read()
+
+
+# -- planning work is proportional to what changed, not to the queue ----------------------------------------
+
+
+class CountingSpool(Spool):
+    """A real spool that remembers which envelopes were loaded."""
+
+    def __init__(self, directory):
+        super().__init__(directory)
+        self.loads = []
+
+    def load(self, qid):
+        self.loads.append(qid)
+        return super().load(qid)
+
+
+def _counting_setup(tmp_path) -> Setup:
+    s = Setup(tmp_path)
+    s.spool = CountingSpool(os.path.join(s.tmp, "spool"))
+    s.sched = Scheduler(lambda: s.config, s.spool, Mailers(set), bounce_recipients, now=s.clock)
+    return s
+
+
+def _commit_deferred(s: Setup, due: float) -> str:
+    """A message committed behind the scheduler's back (no notify), due at ``due``."""
+    r = Recipient(address="a@x.test", original="a@x.test", mailer="pipe", target="rec", next_attempt=due)
+    with s.spool.writer() as w:
+        w.write(BODY)
+        w.commit(Envelope(queue_id=w.queue_id, sender="alice@src.test", recipients=[r], arrival=s.clock(),
+                          size=len(BODY)))
+    return w.queue_id
+
+
+def test_new_message_and_rescan_do_not_read_deferred_messages_again(tmp_path):
+    s = _counting_setup(tmp_path)
+    deferred = [_commit_deferred(s, s.clock() + 3600) for _ in range(20)]
+    s.sched.start()
+    try:
+        assert wait_for(lambda: set(deferred) <= set(s.spool.loads), 5)
+        time.sleep(0.2)
+        del s.spool.loads[:]
+        qid = s.inject([("a@x.test", "pipe", "rec")])
+        assert wait_for(lambda: not s.spool.exists(qid), 10)
+        s.sched.notify(None)  # a full rescan: unchanged records are only looked at, not read
+        time.sleep(0.3)
+        assert not set(deferred) & set(s.spool.loads)
+        assert s.spool.loads.count(qid) <= 2  # planning and recording; the job gets planning's copy
+    finally:
+        s.sched.stop(time.monotonic() + 5)
+
+
+def test_touched_trigger_makes_the_scheduler_notice_an_outside_change(tmp_path):
+    s = _counting_setup(tmp_path)
+    qid = _commit_deferred(s, s.clock() + 3600)
+    s.sched.start()
+    try:
+        assert wait_for(lambda: qid in s.spool.loads, 5)
+        time.sleep(0.2)
+        with s.spool.lock(qid):  # what ``pmaster queue flush`` does, without telling the scheduler
+            env = s.spool.load(qid)
+            env.recipients[0].next_attempt = 0.0
+            s.spool.save(env)
+        sched_mod.touch_trigger(s.spool)
+        assert wait_for(lambda: not s.spool.exists(qid), sched_mod.TRIGGER_CHECK + 4)
+    finally:
+        s.sched.stop(time.monotonic() + 5)
+
+
+def test_touch_trigger_always_moves_the_trigger_time_forward(tmp_path):
+    spool = Spool(str(tmp_path / "spool"))
+    stamps = []
+    for _ in range(5):
+        sched_mod.touch_trigger(spool)
+        stamps.append(os.stat(sched_mod.trigger_path(spool)).st_mtime_ns)
+    assert stamps == sorted(set(stamps))
+
+
+def test_job_carries_planning_envelope_outside_its_identity():
+    env = envelope([rcpt("a@x.test")])
+    job = Job("Q", "pipe", "rec", "pipe:rec", (0,), envelope=env, stamp=(1, 2, 3))
+    assert job == Job("Q", "pipe", "rec", "pipe:rec", (0,)) and job.envelope is env
