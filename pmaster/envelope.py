@@ -12,7 +12,7 @@ Threading: plain values; whoever shares one across threads locks it.
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 ENVELOPE_VERSION = 1
@@ -101,7 +101,11 @@ class Envelope:
         return not any(r.pending for r in self.recipients)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        # Flat copies, not dataclasses.asdict: its recursive deep copy costs more than the rest of a save.
+        data = dict(self.__dict__)
+        data["recipients"] = [dict(r.__dict__) for r in self.recipients]
+        data["extra"] = dict(self.extra)
+        return json.dumps(data, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Envelope":

@@ -20,6 +20,7 @@ Errors: grammar rules and token patterns are attached by decorators rather than 
 """
 
 import copy
+import functools
 import ipaddress
 import re
 import threading
@@ -434,6 +435,17 @@ def parse_command(line: str) -> Command:
         line = line[:-1]
     if line.endswith("\r"):
         line = line[:-1]
+    return _parse_cached(line)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(line: str) -> Command:
+    # Most lines repeat (DATA, QUIT, a client's EHLO, a list's MAIL FROM): the same line always parses to
+    # the same frozen Command, so a bounded cache saves the LALR run. Errors are never cached.
+    return _parse(line)
+
+
+def _parse(line: str) -> Command:
     lexer, parser = _thread_parser()
     lexer.begin("INITIAL")
     lexer.verb = None
