@@ -106,6 +106,27 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
         time.sleep(interval)
 
 
+def wait_until(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    """Like ``wait_for``, but a timeout fails the test, naming ``what`` was awaited."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for %s" % what)
+
+
+def process_dead(pid: int) -> bool:
+    """Gone, or a zombie (this machine's init does not reap detached processes)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2:].startswith("Z")
+
+
 def smtp_probe(host: str, port: int, timeout: float = 2.0) -> bool:
     """True when an SMTP greeting comes from host:port; the session is closed with QUIT."""
     try:

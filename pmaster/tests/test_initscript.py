@@ -16,9 +16,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import pytest
+
+from pmaster.tests.daemon_fixture import free_port, process_dead, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "contrib" / "init.d" / "postmaster"
@@ -33,30 +35,6 @@ TOOLS = ["grep", "sleep", "rm", "cat"]  # what the script may run besides builti
 # Helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for %s" % what)
-
-
-def dead(pid: int) -> bool:
-    """Gone, or a zombie (this machine's init does not reap detached processes)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            stat = f.read()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2:].startswith("Z")
 
 
 class Installation:
@@ -119,7 +97,7 @@ class Installation:
             pid = self.pid()
         except (OSError, ValueError):
             return
-        if not dead(pid) and b"pmaster" in Path("/proc/%d/cmdline" % pid).read_bytes():
+        if not process_dead(pid) and b"pmaster" in Path("/proc/%d/cmdline" % pid).read_bytes():
             os.kill(pid, signal.SIGKILL)
 
 
@@ -154,7 +132,7 @@ def test_start_status_reload_stop_through_the_script(make, shell, ssd):
     started = inst.run("start")
     assert started.returncode == 0, started.stderr
     pid = inst.pid()
-    assert not dead(pid)
+    assert not process_dead(pid)
     status = inst.run("status")
     assert status.returncode == 0 and "running (pid %d)" % pid in status.stdout
     assert inst.rcpt("ann@localhost") == 550
@@ -162,12 +140,12 @@ def test_start_status_reload_stop_through_the_script(make, shell, ssd):
     inst.write_config("joe@localhost tofile\nann@localhost tofile\n")
     reloaded = inst.run("reload")
     assert reloaded.returncode == 0, reloaded.stderr
-    wait_for(lambda: inst.rcpt("ann@localhost") == 250, 10, "the reloaded route")
+    wait_until(lambda: inst.rcpt("ann@localhost") == 250, 10, "the reloaded route")
     assert inst.pid() == pid  # reloaded, not restarted
 
     stopped = inst.run("stop")
     assert stopped.returncode == 0, stopped.stderr
-    assert dead(pid)
+    assert process_dead(pid)
     assert not inst.pid_file.exists()
     after = inst.run("status")
     assert after.returncode == 3 and "not running" in after.stdout
@@ -213,7 +191,7 @@ def test_restart_with_an_invalid_file_keeps_the_daemon_running(make):
     restarted = inst.run("restart")
     assert restarted.returncode == 6
     assert re.search(r"postmaster.cf:\d+:\d+: error: ", restarted.stderr), restarted.stderr
-    assert not dead(pid) and inst.pid() == pid
+    assert not process_dead(pid) and inst.pid() == pid
     assert inst.run("stop").returncode == 0
 
 
@@ -223,7 +201,7 @@ def test_restart_replaces_the_daemon(make):
     pid = inst.pid()
     restarted = inst.run("restart")
     assert restarted.returncode == 0, restarted.stderr
-    assert inst.pid() != pid and dead(pid)
+    assert inst.pid() != pid and process_dead(pid)
     assert inst.rcpt("joe@localhost") == 250
     assert inst.run("stop").returncode == 0
 

@@ -20,6 +20,8 @@ from typing import Callable, List, Optional
 
 import pytest
 
+from pmaster.tests.daemon_fixture import free_port, process_dead, wait_until
+
 PM = [sys.executable, "-m", "pmaster"]
 MESSAGE = "From: a@example.org\r\nSubject: %s\r\n\r\nhello\r\n"
 
@@ -28,30 +30,6 @@ MESSAGE = "From: a@example.org\r\nSubject: %s\r\n\r\nhello\r\n"
 # Helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for %s" % what)
-
-
-def dead(pid: int) -> bool:
-    """Gone, or a zombie (this machine's init does not reap detached processes)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            stat = f.read()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2:].startswith("Z")
 
 
 class Site:
@@ -83,7 +61,7 @@ class Site:
                                          stdout=subprocess.DEVNULL, stderr=err,
                                          env=dict(os.environ, **(env or {})))
         source = self.stderr if log_glob is None else (lambda: self.logs(log_glob))
-        wait_for(lambda: "pmaster started" in source() or self.proc.poll() is not None, 15, "start")
+        wait_until(lambda: "pmaster started" in source() or self.proc.poll() is not None, 15, "start")
         assert self.proc.poll() is None, self.stderr()
         return self.proc
 
@@ -95,7 +73,7 @@ class Site:
 
     def wait_log(self, text: str, timeout: float = 10.0, source: Optional[Callable[[], str]] = None) -> None:
         source = source or self.stderr
-        wait_for(lambda: text in source(), timeout, repr(text))
+        wait_until(lambda: text in source(), timeout, repr(text))
 
     def stop(self, timeout: float = 15.0) -> int:
         assert self.proc is not None
@@ -112,7 +90,7 @@ class Site:
         return self.out.read_text(errors="replace") if self.out.exists() else ""
 
     def delivered(self, marker: str, timeout: float = 10.0) -> None:
-        wait_for(lambda: marker in self.mailbox(), timeout, "delivery of %s" % marker)
+        wait_until(lambda: marker in self.mailbox(), timeout, "delivery of %s" % marker)
 
 
 @pytest.fixture
@@ -209,8 +187,8 @@ def test_daemon_option_detaches_writes_pid_file_and_answers_smtp(site):
         client.quit()
     finally:
         os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: dead(pid), 15, "the daemon to exit")
-    wait_for(lambda: not site.pid_file.exists(), 5, "pid file removal")
+    wait_until(lambda: process_dead(pid), 15, "the daemon to exit")
+    wait_until(lambda: not site.pid_file.exists(), 5, "pid file removal")
 
 
 def test_daemon_option_reports_the_childs_error_and_exits_1(site, tmp_path):
@@ -277,14 +255,14 @@ def test_sigterm_kills_mailer_children_after_the_drain_and_keeps_the_mail(site):
     site.write("joe@localhost slow\n", extra="[pipe slow]\n  exec = /bin/sh -c \"sleep 60; cat\"\n")
     proc = site.start(env={"PMASTER_DRAIN_SECONDS": "1"})
     qid = send(site, "slow-one")
-    children = wait_for(lambda: _children(proc.pid), 10, "the mailer child")
+    children = wait_until(lambda: _children(proc.pid), 10, "the mailer child")
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
     assert time.monotonic() - signalled < 1 + 4  # the drain, then the kill: not the mailer's own timeout
     assert "killing 1 mailer process(es) still running after the drain" in site.stderr()
     for pid in children:
-        assert dead(pid)
+        assert process_dead(pid)
     assert re.search(r"%s: to=<joe@localhost> .*status=deferred" % qid, site.stderr()), site.stderr()
     assert any(qid in p.name for p in (site.root / "spool").rglob("*"))
 
