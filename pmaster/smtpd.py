@@ -269,6 +269,7 @@ class Session:
         try:
             if refused is not None:
                 self.log.info("connect from [%s]: refused: %s", self.client_address, refused.text)
+                self._count("rejection", "limit")
                 self._send(refused)
                 return
             self.log.info("connect from [%s]:%s", self.client_address, self.client_port)
