@@ -3,15 +3,22 @@
 API: ``main(args) -> int`` (argparse namespace from the CLI: ``config``, ``action``, ``id``, ``json``).
 Invariants: works whether or not the daemon runs. Every change is a read-modify-write of the envelope under
   the message lock, so it never races a delivery's result; after each change it touches ``<spool>/trigger``
-  (``scheduler.touch_trigger``), so a running daemon rescans the queue within about a second. ``flush``
+  (``Spool.touch_trigger``), so a running daemon rescans the queue within about a second. ``flush``
   leaves held messages alone. Without a daemon, ``flush`` marks messages due now and ``bounce`` writes the
-  report into the spool: both go out when the daemon starts (SPEC 9).
-Errors: an unknown id, a message that stays locked, an unreadable spool: one line, exit 1 (via the CLI).
+  report into the spool: both go out when the daemon starts (SPEC 9). ``bounce`` records the recipients as
+  bounced and removes the message only once the report is stored (a null sender needs none).
+Security: run by root on a spool that belongs to another user (the daemon's ``user-id``), it first becomes
+  that user (uid and group of the spool directory, no supplementary groups), so every file it writes stays
+  readable by the daemon; root-owned 0600 records would never be delivered.
+Errors: an unknown id, a message that stays locked, an unreadable spool, a report that cannot be stored,
+  a failed switch to the spool's owner: one line, exit 1 (via the CLI).
 """
 
 import argparse
+import codecs
 import datetime
 import json
+import os
 import sys
 import time
 from typing import Dict, List
@@ -20,7 +27,7 @@ from pmaster.config import Config, load
 from pmaster.envelope import BOUNCED, PENDING, Envelope
 from pmaster.errors import PmasterError, QueueIdError, SpoolError
 from pmaster.routing import bounce_recipients
-from pmaster.scheduler import send_bounce, touch_trigger
+from pmaster.scheduler import send_bounce
 from pmaster.spool import Spool, valid_queue_id
 
 LOCK_WAIT = 30.0
@@ -59,6 +66,32 @@ def as_json(env: Envelope, now: float) -> Dict[str, object]:
             "next_attempt": _iso(max(r.next_attempt, env.arrival)) if r.state == PENDING else None,
         } for r in env.recipients],
     }
+
+
+def become_spool_owner(directory: str) -> None:
+    """As root, become the owner of an existing spool that is not root's (uid, and the directory's group).
+
+    Every file the CLI writes (envelopes, temp files, locks, the trigger) must be readable by the daemon
+    after it dropped to ``user-id``; Postfix's postqueue/postsuper likewise act as the mail system owner.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return  # no spool yet: whoever creates it, the daemon hands it over at start
+    if st.st_uid == 0:
+        return
+    # Codecs load lazily, and the new user may not be able to read the Python installation (one under /root).
+    for name in ("ascii", "utf-8", "latin-1"):
+        codecs.lookup(name)
+    try:
+        os.setgroups([])
+        os.setgid(st.st_gid)
+        os.setuid(st.st_uid)
+    except OSError as exc:
+        raise PmasterError("cannot switch to uid %d gid %d, the owner of spool %s: %s"
+                           % (st.st_uid, st.st_gid, directory, exc.strerror or exc))
 
 
 def _spool(config: Config) -> Spool:
@@ -119,7 +152,7 @@ def _change(spool: Spool, qid: str, fn) -> Envelope:
         env = spool.load(qid)
         fn(env)
         spool.save(env)
-    touch_trigger(spool)
+    spool.touch_trigger()
     return env
 
 
@@ -151,10 +184,15 @@ def cmd_bounce(spool: Spool, config: Config, qid: str) -> int:
             r.state = BOUNCED
             r.last_reply = "message returned by the postmaster" + (" (last: %s)" % r.last_reply if r.last_reply else "")
             r.dsn_status = "5.0.0"
+        # The report first: when it cannot be stored, the record on disk stays as it was (one line, exit 1),
+        # so the report is never lost.
+        try:
+            report = send_bounce(spool, env, failed, config, bounce_recipients, now) if failed else None
+        except SpoolError as exc:
+            raise PmasterError("%s: cannot queue the non-delivery report, message left in the queue: %s" % (qid, exc))
         spool.save(env)
-        report = send_bounce(spool, env, failed, config, bounce_recipients, now) if failed else None
         spool.remove(qid)
-    touch_trigger(spool)  # the daemon forgets the message and picks up the report
+    spool.touch_trigger()  # the daemon forgets the message and picks up the report
     print("%s: bounced %d recipient%s%s" % (qid, len(failed), "" if len(failed) == 1 else "s",
                                           "; report %s" % report if report else ""))
     return 0
@@ -184,6 +222,7 @@ def cmd_flush(spool: Spool, qid) -> int:
 
 def main(args: argparse.Namespace) -> int:
     config = load(args.config)
+    become_spool_owner(config.core.spool_directory)
     spool = _spool(config)
     action = args.action
     if action == "list":
@@ -204,7 +243,7 @@ def main(args: argparse.Namespace) -> int:
             raise QueueIdError("no message %s in the queue" % qid)
         with spool.lock(qid, timeout=LOCK_WAIT):
             spool.remove(qid)
-        touch_trigger(spool)
+        spool.touch_trigger()
         print("%s: deleted" % qid)
         return 0
     if action == "bounce":

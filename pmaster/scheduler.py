@@ -4,13 +4,15 @@ API:
   ``backoff(attempts, retry_min, retry_max) -> seconds``: pure; ``retry_min * 2**(attempts-1)`` capped.
   ``Scheduler(config_source, spool, mailer, route_bounce, now=time.time)``: ``start()``, ``notify(qid)`` (a new
      or changed message; None rescans the spool), ``stop(deadline)`` (finish or abandon deliveries in progress
-     by ``deadline``), ``in_flight`` (mailer calls running), ``idle()``.
+     by ``deadline``; jobs not started yet are not started), ``in_flight`` (mailer calls running),
+     ``queued_jobs`` (planned, waiting for a worker), ``idle()``.
   ``plan_jobs(env, config, now, busy)``: pure grouping of due recipients into delivery jobs: pipe batches of
      up to ``max_rcpt_to``, relay batches of up to 100 per destination, ``relay()`` per recipient domain.
   ``destination_limit(config)``: jobs per destination at once: ``destination-concurrency``, at most
      ``workers - 1`` (so one worker is always free for other destinations).
-  ``send_bounce(spool, env, failed, config, route_bounce, now)``: queue the report (also used by the CLI).
-  ``touch_trigger(spool)``: tell a running daemon that something outside it changed the spool (the CLI).
+  ``send_bounce(spool, env, failed, config, route_bounce, now)``: queue the report (also used by the CLI);
+     ``SpoolError`` when a report was due and could not be stored.
+  ``touch_trigger(spool)``, ``trigger_path(spool)``: thin wrappers of ``Spool.touch_trigger``/``trigger_path``.
 Invariants:
   - The spool is the only input; the scheduler never imports routing: bounces are routed by the
     ``route_bounce`` callable the daemon passes in (unnamed ``[route]`` table, ``relay()`` for the rest).
@@ -19,12 +21,21 @@ Invariants:
     envelope and saved durably before the next attempt; a recipient recorded as sent is never retried.
     A job that leaves nothing to do removes the message without saving it first (a crash in between can
     only repeat a delivery that was in progress, which SPEC 5 allows).
+  - Results that cannot be saved (the save fails, or the message lock stays taken for ``RECORD_LOCK_WAIT``,
+    say by a suspended ``pmaster queue``) are kept in memory and their recipients stay busy: the record on
+    disk still says "pending, due", and planning from it would deliver them again at once. Planning retries
+    only the save (applied to a fresh copy of the record, at ``backoff`` capped at ``SAVE_RETRY_MAX``,
+    one log line per failed try) and once more at ``stop``; only then are the recipients planned again.
   - At most ``destination_limit`` jobs per destination run at once; a job whose destination is full
     waits in the plan, never in a worker, so one dead destination cannot hold every worker. When a job
     ends, the messages waiting for its destination are planned at once (no scan delay), oldest first.
   - A report is queued before the failure that caused it is saved: a crash may repeat a report, never lose it.
+    A report that is due and cannot be stored (disk full) leaves its recipients pending, deferred at
+    ``backoff`` with the reason in ``last_reply``: the failure is recorded only with its report.
   - A temporary failure retries at ``backoff``, but never later than arrival + ``queue-lifetime``; the first
     attempt at or after that time bounces the recipient (DSN status 4.4.7).
+  - After ``stop`` no job starts: jobs still queued are dropped (their recipients stay due for the next start);
+    only deliveries in progress finish (SPEC 7).
   - Mailer sections are looked up by name at delivery time, so a reload applies to queued mail; a
     section that has gone defers the recipient.
   - Work per planning round is proportional to what is due or changed, not to the queue: timed wake-ups
@@ -32,11 +43,13 @@ Invariants:
     job ends, or when a rescan finds their record changed. The whole queue is rescanned at start, on
     ``notify(None)``, when ``<spool>/trigger`` changes (``pmaster queue`` touches it; checked every
     ``TRIGGER_CHECK`` seconds) and every ``FULL_SCAN_INTERVAL`` seconds as a safety net.
-Threading: one ``sched`` thread plans and alone touches the heap and ``_known``; ``deliver-N`` threads run
-  jobs; state shared between them is under ``_lock``. An envelope handed from one thread to another
-  (planning to a job, a recorded result back to planning) is never modified after the hand-over.
+Threading: one ``sched`` thread plans, alone touches the heap and ``_known``, and alone saves kept results;
+  ``deliver-N`` threads run jobs; state shared between them (``_busy``, ``_unsaved``, ...) is under ``_lock``.
+  An envelope or recipient handed from one thread to another (planning to a job, a recorded or kept result
+  back to planning) is never modified after the hand-over.
 """
 
+import copy
 import dataclasses
 import heapq
 import logging
@@ -52,7 +65,7 @@ from pmaster.config import Config
 from pmaster.envelope import BOUNCED, PENDING, SENT, Envelope, Recipient, split_address
 from pmaster.errors import QueueIdError, SpoolError
 from pmaster.mailers import OK, PERMFAIL, TEMPFAIL, Delivery, Result
-from pmaster.spool import ENV_SUFFIX, QUEUE, Spool
+from pmaster.spool import Spool
 
 log = logging.getLogger("pmaster.scheduler")
 
@@ -62,11 +75,20 @@ SCAN_INTERVAL = 2.0  # longest sleep after a planning error
 TRIGGER_CHECK = 1.0  # how often the trigger file is looked at (and the longest planner sleep)
 FULL_SCAN_INTERVAL = 60.0  # safety net: rescan the whole queue this often even without a trigger
 WAITING_RECHECK = 10.0  # a message waiting for a full destination is looked at again after this
-TRIGGER_FILE = "trigger"
+RECORD_LOCK_WAIT = 60.0  # longest wait for a message lock to record results (then kept, saved later)
+SAVE_RETRY_MAX = 60  # longest wait (seconds of ``now``) between tries to save results kept in memory
 DRAIN_PER_ROUND = 10000  # waiting messages planned per round at most (the rest in the next round)
 MAX_CACHED = 2000  # envelopes kept for messages waiting for a full destination (not read again when it frees)
 
 Stamp = Tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size) of an envelope: a save renames a new file in
+
+# What a job left behind, for ``_job_done``: (what, indexes whose results are kept in memory).
+RELEASED = "released"  # recorded (or nothing to record): its recipients may be planned again
+GONE = "gone"  # the message is no longer in the spool
+KEPT = "kept"  # results kept in memory (``_Unsaved``): those recipients stay busy until saved
+Outcome = Tuple[str, FrozenSet[int]]
+_RELEASED: Outcome = (RELEASED, frozenset())
+_GONE: Outcome = (GONE, frozenset())
 
 
 def backoff(attempts: int, retry_min: int, retry_max: int) -> int:
@@ -129,6 +151,11 @@ def next_due(env: Envelope) -> Optional[float]:
     return min(due) if due else None
 
 
+def _save_delay(failures: int, config: Config) -> int:
+    """Seconds before the next try to save kept results: ``backoff``, but at most ``SAVE_RETRY_MAX``."""
+    return max(1, min(SAVE_RETRY_MAX, backoff(failures, config.core.retry_min, config.core.retry_max)))
+
+
 def destination_limit(config: Config) -> int:
     """Jobs one destination may run at once: ``destination-concurrency``, but never every worker.
 
@@ -145,30 +172,17 @@ def _pending_destinations(env: Envelope) -> FrozenSet[str]:
 
 
 def trigger_path(spool: Spool) -> str:
-    return os.path.join(spool.directory, TRIGGER_FILE)
+    return spool.trigger_path()
 
 
 def touch_trigger(spool: Spool) -> None:
-    """Make ``<spool>/trigger`` newer, so a running daemon rescans the queue within ``TRIGGER_CHECK``.
-
-    The new time is at least one nanosecond past the old one: on a coarse file-system clock two changes in
-    one tick would otherwise look like one. A failure only delays the daemon until its safety-net rescan.
-    """
-    path = trigger_path(spool)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            stamp = max(time.time_ns(), os.fstat(fd).st_mtime_ns + 1)
-            os.utime(fd, ns=(stamp, stamp))
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        log.warning("cannot touch %s: %s (the daemon notices within %ds)", path, exc, FULL_SCAN_INTERVAL)
+    """Tell a running daemon to rescan the queue within ``TRIGGER_CHECK`` (see ``Spool.touch_trigger``)."""
+    spool.touch_trigger()
 
 
 def _trigger_stamp(spool: Spool) -> Optional[Tuple[int, int, int]]:
     try:
-        st = os.stat(trigger_path(spool))
+        st = os.stat(spool.trigger_path())
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_ctime_ns
@@ -183,11 +197,18 @@ class _Known:
     destinations: FrozenSet[str]  # destinations of its pending recipients (empty: not known yet)
 
 
+@dataclass
+class _Unsaved:
+    """Results of finished deliveries of one message that could not be saved yet (under ``_lock``)."""
+
+    recipients: Dict[int, Recipient]  # index -> the recipient with its result applied; busy until saved
+    failures: int  # failed tries to save so far
+    due: float  # ``now`` time of the next try
+
+
 def _env_stamp(spool: Spool, qid: str) -> Stamp:
     """Identity of the envelope file: a changed record (a delivery, ``pmaster queue``) is read again."""
-    env_path = getattr(spool, "env_path", None)
-    path = env_path(qid) if env_path is not None else spool._path(QUEUE, qid, ENV_SUFFIX)
-    st = os.stat(path)
+    st = os.stat(spool.env_path(qid))
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
@@ -218,6 +239,7 @@ class Scheduler:
         self._gone: Set[str] = set()  # removed by a job: forget them
         self._fresh: Dict[str, Tuple[Stamp, Envelope]] = {}  # envelopes just saved by a job, for planning
         self._waiting: Dict[str, Dict[str, None]] = {}  # destination -> messages held back by its limit, oldest first
+        self._unsaved: Dict[str, _Unsaved] = {}  # qid -> results not saved yet (workers add, planning saves)
         self._rescan = True  # a full rescan is wanted (start, notify(None))
         self._threads: List[threading.Thread] = []
         self._stopping = False
@@ -232,6 +254,11 @@ class Scheduler:
     def in_flight(self) -> int:
         with self._lock:
             return self._in_flight
+
+    @property
+    def queued_jobs(self) -> int:
+        """Jobs planned and waiting for a worker."""
+        return self._jobs.qsize()
 
     # -- lifecycle
 
@@ -266,6 +293,8 @@ class Scheduler:
             self._jobs.put(None)
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        if self._threads and not self._threads[0].is_alive():  # the sched thread: saves kept results
+            self._save_unsaved(self.config_source(), self.now(), final=True)
 
     def idle(self) -> bool:
         with self._lock:
@@ -301,6 +330,7 @@ class Scheduler:
         for qid in dirty - gone:
             self._cache.pop(qid, None)  # changed: read it again (or take what its job handed back)
             self._make_due(qid, now)
+        self._save_unsaved(config, now)  # saved results free their recipients for the next round
         limit = destination_limit(config)
         self._plan_due(config, now, limit)
         self._drain_waiting(config, now, limit)
@@ -414,6 +444,9 @@ class Scheduler:
         wait = TRIGGER_CHECK
         if heap:
             wait = min(wait, heap[0][0] - now)
+        with self._lock:
+            for kept in self._unsaved.values():
+                wait = min(wait, kept.due - now)
         return max(0.05, wait)
 
     def _all_full(self, qid: str, destinations: FrozenSet[str], limit: int) -> bool:
@@ -502,15 +535,15 @@ class Scheduler:
             job = self._jobs.get()
             if job is None:
                 return
-            gone = False
+            outcome = _RELEASED
             try:
-                gone = self._run(job)
+                outcome = self._run(job)
             except Exception:
                 log.exception("%s: delivery job failed", job.queue_id)
             finally:
-                self._job_done(job, gone)
+                self._job_done(job, outcome)
 
-    def _job_done(self, job: Job, gone: bool) -> None:
+    def _job_done(self, job: Job, outcome: Outcome) -> None:
         qid = job.queue_id
         with self._lock:
             self._active[job.destination] -= 1
@@ -521,9 +554,11 @@ class Scheduler:
                 self._jobs_of[qid] = left
             else:
                 self._jobs_of.pop(qid, None)
-            self._busy.difference_update((qid, i) for i in job.indexes)
+            # Recipients whose results are kept in memory stay busy until they are saved (``_unkeep``).
+            what, kept = outcome
+            self._busy.difference_update((qid, i) for i in job.indexes if i not in kept)
             # Planning looks at the message again, and at the messages waiting for this destination.
-            if gone:
+            if what == GONE:
                 self._gone.add(qid)
             else:
                 self._dirty.add(qid)
@@ -542,16 +577,18 @@ class Scheduler:
         except SpoolError:
             return None
 
-    def _run(self, job: Job) -> bool:
-        """Deliver one job and record the results; True when the message is gone from the spool."""
+    def _run(self, job: Job) -> Outcome:
+        """Deliver one job and record the results (see ``Outcome``)."""
         config = self.config_source()
         env = self._job_envelope(job)
         if env is None:
-            return not self.spool.exists(job.queue_id)
+            return _RELEASED if self.spool.exists(job.queue_id) else _GONE
         recipients = [env.recipients[i] for i in job.indexes]
         if any(r.state != PENDING for r in recipients) or env.held:
-            return False
+            return _RELEASED
         with self._lock:
+            if self._stopping:
+                return _RELEASED  # SPEC 7: only deliveries in progress finish; this one stays due for the next start
             deadline = self._deadline
             self._in_flight += 1
         delivery = Delivery(job.queue_id, env, recipients, self.spool.body_path(job.queue_id), config,
@@ -568,51 +605,163 @@ class Scheduler:
         if len(results) != len(recipients):
             results = [Result(TEMPFAIL, "mailer returned %d results for %d recipients"
                               % (len(results), len(recipients)))] * len(recipients)
-        return self._record(job, results, config, time.monotonic() - started)
+        return self._record(job, env, results, config, time.monotonic() - started)
 
-    def _record(self, job: Job, results: List[Result], config: Config, elapsed: float) -> bool:
+    def _record(self, job: Job, delivered: Envelope, results: List[Result], config: Config,
+                elapsed: float) -> Outcome:
         """Apply a job's results to a fresh copy of the envelope and save it before anything else happens.
 
-        Returns True when the message is gone from the spool.
+        Returns GONE when the message is gone from the spool, KEPT (with the indexes) when the results could
+        not be saved and are kept in memory (those recipients stay busy), else RELEASED.
         """
         now = self.now()
         qid = job.queue_id
         try:
-            lock = self.spool.lock(qid)
-        except SpoolError:
-            return not self.spool.exists(qid)
+            lock = self.spool.lock(qid, timeout=RECORD_LOCK_WAIT)
+        except SpoolError as exc:
+            if not self.spool.exists(qid):
+                return _GONE
+            # Another process keeps the lock (a suspended ``pmaster queue``?): never wait for it forever,
+            # never forget what was delivered. Apply the results to the copy we delivered from and keep them.
+            env = copy.deepcopy(delivered)
+            return self._keep(env, self._apply_results(env, job, results, config, now, elapsed), config, now, exc)
         with lock:
             try:
                 env = self.spool.load(qid)
             except SpoolError:
                 log.info("%s: removed during delivery", qid)
-                return not self.spool.exists(qid)
-            newly_bounced: List[Recipient] = []
-            for i, result in zip(job.indexes, results):
-                r = env.recipients[i]
-                if r.state != PENDING:
-                    continue
-                self._apply(env, r, result, config, now)
-                if r.state == BOUNCED:
-                    newly_bounced.append(r)
-                self._log_result(env, r, now)
-                if self.metrics is not None:
-                    self.metrics.delivery(job.mailer, STATUS_WORDS[r.state], elapsed)
+                return _RELEASED if self.spool.exists(qid) else _GONE
+            changed = self._apply_results(env, job, results, config, now, elapsed)
+            newly_bounced = any(env.recipients[i].state == BOUNCED for i in changed)
             if env.done() and not newly_bounced and self._remove(qid):
-                return True  # nothing left to record: no save first (durable removal is enough)
-            # The report is queued before the failure is recorded: a crash in between can only repeat the
-            # report, never lose it.
-            if newly_bounced:
-                self._bounce(env, newly_bounced, config, now)
+                return _GONE  # nothing left to record: no save first (durable removal is enough)
             try:
                 self.spool.save(env)
             except SpoolError as exc:
-                log.error("%s: cannot record delivery results: %s", qid, exc)
-                return False
+                return self._keep(env, changed, config, now, exc)
             if env.done():
-                return self._remove(qid)
+                return _GONE if self._remove(qid) else _RELEASED
             self._hand_back(env)
-        return False
+        return _RELEASED
+
+    def _apply_results(self, env: Envelope, job: Job, results: List[Result], config: Config, now: float,
+                       elapsed: float) -> List[int]:
+        """Apply results to the pending recipients of ``env``, queue the report for new failures, log each one.
+
+        Returns the indexes changed. The report is queued before the failure is recorded: a crash in between
+        can only repeat the report, never lose it; a report that cannot be stored leaves the failures deferred.
+        """
+        changed: List[int] = []
+        bounced: List[Recipient] = []
+        for i, result in zip(job.indexes, results):
+            r = env.recipients[i]
+            if r.state != PENDING:
+                continue  # decided meanwhile (``pmaster queue bounce``): keep that
+            self._apply(env, r, result, config, now)
+            changed.append(i)
+            if r.state == BOUNCED:
+                bounced.append(r)
+        if bounced:
+            self._bounce(env, bounced, config, now)
+        for i in changed:
+            r = env.recipients[i]
+            self._log_result(env, r, now)
+            if self.metrics is not None:
+                self.metrics.delivery(job.mailer, STATUS_WORDS[r.state], elapsed)
+        return changed
+
+    def _keep(self, env: Envelope, changed: List[int], config: Config, now: float, exc: Exception) -> Outcome:
+        """Keep results that could not be saved; planning saves them later (``_save_unsaved``).
+
+        ``env`` is this job's own copy, so its recipients can be kept without copying them.
+        """
+        qid = env.queue_id
+        with self._lock:
+            kept = self._unsaved.get(qid)
+            if kept is None:
+                delay = _save_delay(1, config)
+                kept = self._unsaved[qid] = _Unsaved({}, 1, now + delay)
+            for i in changed:
+                kept.recipients[i] = env.recipients[i]
+            delay = max(0, int(kept.due - now))
+        log.error("%s: cannot record delivery results: %s (kept in memory, next try in %ds)", qid, exc, delay)
+        return KEPT, frozenset(changed)
+
+    def _save_unsaved(self, config: Config, now: float, final: bool = False) -> bool:
+        """Try again to save kept results that are due (all of them when ``final``); True when any was saved."""
+        with self._lock:
+            due = [(qid, dict(kept.recipients)) for qid, kept in self._unsaved.items() if final or kept.due <= now]
+        saved = False
+        for qid, recipients in due:
+            try:
+                outcome = self._save_kept(qid, recipients)
+            except SpoolError as exc:
+                self._save_failed(qid, config, now, exc, final)
+                continue
+            self._unkeep(qid, recipients, outcome)
+            saved = True
+        if saved:
+            self._wake.set()
+        return saved
+
+    def _save_kept(self, qid: str, recipients: Dict[int, Recipient]) -> str:
+        """Put kept results into a fresh copy of the record; GONE or RELEASED, ``SpoolError`` to try later."""
+        lock = self.spool.try_lock(qid)
+        if lock is None:
+            raise SpoolError("%s: message is locked" % qid)
+        with lock:
+            try:
+                env = self.spool.load(qid)
+            except SpoolError:
+                if self.spool.exists(qid):
+                    raise
+                log.info("%s: removed before its delivery results could be recorded", qid)
+                return GONE
+            for i, r in recipients.items():
+                if i < len(env.recipients) and env.recipients[i].state == PENDING:
+                    env.recipients[i] = r
+            if env.done():
+                self.spool.remove(qid)
+                log.info("%s: removed", qid)
+                return GONE
+            self.spool.save(env)
+            log.info("%s: delivery results recorded", qid)
+            self._hand_back(env)
+        return RELEASED
+
+    def _unkeep(self, qid: str, recipients: Dict[int, Recipient], outcome: str) -> None:
+        """Forget kept results just saved (a job may have added others meanwhile) and free their recipients."""
+        with self._lock:
+            freed = set(recipients)
+            kept = self._unsaved.get(qid)
+            if kept is not None and outcome == GONE:
+                freed.update(kept.recipients)  # nothing left to record them in
+                del self._unsaved[qid]
+            elif kept is not None:
+                for i in recipients:
+                    kept.recipients.pop(i, None)  # busy until now: no job can have replaced it
+                if not kept.recipients:
+                    del self._unsaved[qid]
+            self._busy.difference_update((qid, i) for i in freed)
+            if outcome == GONE:
+                self._gone.add(qid)
+            else:
+                self._dirty.add(qid)
+
+    def _save_failed(self, qid: str, config: Config, now: float, exc: SpoolError, final: bool) -> None:
+        with self._lock:
+            kept = self._unsaved.get(qid)
+            if kept is None:
+                return
+            kept.failures += 1
+            delay = _save_delay(kept.failures, config)
+            kept.due = now + delay
+            count = len(kept.recipients)
+        if final:
+            log.error("%s: cannot record delivery results: %s; lost at exit: %d recipient(s) will be tried again",
+                      qid, exc, count)
+            return
+        log.error("%s: cannot record delivery results: %s (kept in memory, next try in %ds)", qid, exc, delay)
 
     def _remove(self, qid: str) -> bool:
         try:
@@ -663,7 +812,18 @@ class Scheduler:
     # -- bounces
 
     def _bounce(self, env: Envelope, failed: List[Recipient], config: Config, now: float) -> None:
-        qid = send_bounce(self.spool, env, failed, config, self.route_bounce, now)
+        try:
+            qid = send_bounce(self.spool, env, failed, config, self.route_bounce, now)
+        except SpoolError as exc:
+            # The report is due and cannot be stored (disk full): recording the failure now would lose it.
+            # The recipients stay pending and are tried again later, as after a temporary failure.
+            log.error("%s: cannot queue the non-delivery report: %s (%d recipient(s) stay deferred)",
+                      env.queue_id, exc, len(failed))
+            for r in failed:
+                r.state = PENDING
+                r.next_attempt = now + backoff(r.attempts, config.core.retry_min, config.core.retry_max)
+                r.last_reply = "%s; non-delivery report not queued (%s), will try again" % (r.last_reply, exc)
+            return
         if qid:
             self.notify(qid)
 
@@ -685,9 +845,11 @@ class Scheduler:
 
 def send_bounce(spool: Spool, env: Envelope, failed: List[Recipient], config: Config, route_bounce: BounceRouter,
                 now: float) -> Optional[str]:
-    """Write the report for ``failed`` into the spool; returns its queue id (None when none is due).
+    """Write the report for ``failed`` into the spool; returns its queue id (None when none is due or routable).
 
     Never to the null sender; a failed report goes once to the local postmaster, never further (SPEC 5).
+    Raises ``SpoolError`` when a report is due and cannot be stored: the caller must not record the
+    failures as bounced then, or the report is lost.
     """
     if env.to_postmaster:
         log.error("%s: undeliverable report to postmaster dropped", env.queue_id)
@@ -714,16 +876,13 @@ def send_bounce(spool: Spool, env: Envelope, failed: List[Recipient], config: Co
 
 
 def _inject(spool: Spool, body: bytes, recipients: List[Recipient], now: float, to_postmaster: bool) -> Optional[str]:
+    """Store a report; its ``SpoolError`` reaches the caller, which says what it keeps instead."""
     if not recipients:
         log.error("no route for a non-delivery notification; dropped")
         return None
-    try:
-        with spool.writer() as w:
-            w.write(body)
-            env = Envelope(queue_id=w.queue_id, sender="", recipients=recipients, arrival=now, size=len(body),
-                           listener="bounce", is_bounce=True, to_postmaster=to_postmaster)
-            w.commit(env)
-    except SpoolError as exc:
-        log.error("cannot store a non-delivery notification: %s", exc)
-        return None
+    with spool.writer() as w:
+        w.write(body)
+        env = Envelope(queue_id=w.queue_id, sender="", recipients=recipients, arrival=now, size=len(body),
+                       listener="bounce", is_bounce=True, to_postmaster=to_postmaster)
+        w.commit(env)
     return env.queue_id

@@ -7,10 +7,13 @@ API:
     ``writer()`` starts a message (``SpoolWriter``: ``write``, ``commit``, ``abort``; a context manager);
     ``ids()``, ``load(qid)``, ``save(env)``, ``body_path(qid)``, ``open_body(qid)``, ``body_size(qid)``,
     ``exists(qid)``, ``remove(qid)``, ``lock(qid, timeout=None)``, ``try_lock(qid)``, ``recover()``,
-    ``corrupt_ids()``, ``free_space()``.
+    ``corrupt_ids()``, ``free_space()``, ``env_path(qid)``; ``trigger_path()`` and ``touch_trigger()``
+    (``pmaster queue`` tells a running daemon that it changed the spool).
 Layout: ``tmp/`` holds files being written; ``queue/ID.msg`` is the body, written once and never rewritten;
   ``queue/ID.env`` is the JSON envelope (``Envelope.to_json``), replaced atomically by ``save``;
-  ``corrupt/`` holds records that could not be read; ``locks/ID.lock`` are per-message flock files.
+  ``corrupt/`` holds records that could not be read; ``locks/ID.lock`` are per-message flock files;
+  ``trigger`` is an empty file whose modification time changes whenever something outside the daemon
+  changed the queue (the scheduler polls it: Postfix's trigger to qmgr, as a time stamp).
 Invariants: a message is committed when ``queue/ID.env`` exists. ``commit`` renames the body first and the
   envelope second, and ``remove`` unlinks the envelope first, so a crash never leaves an envelope without
   its body. Every write is temp file, fsync, rename, fsync of ``queue/`` (SPEC 4: ``250`` after DATA only
@@ -48,6 +51,7 @@ log = logging.getLogger("pmaster.spool")
 SPOOL_FORMAT = 1
 VERSION_FILE = "VERSION"
 TMP, QUEUE, CORRUPT, LOCKS = "tmp", "queue", "corrupt", "locks"
+TRIGGER_FILE = "trigger"
 BODY_SUFFIX, ENV_SUFFIX, LOCK_SUFFIX = ".msg", ".env", ".lock"
 
 _ID_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -444,6 +448,10 @@ class Spool:
     def body_path(self, qid: str) -> str:
         return self._path(QUEUE, qid, BODY_SUFFIX)
 
+    def env_path(self, qid: str) -> str:
+        """``queue/ID.env``: a save renames a new file in, so its stat identifies one version of the record."""
+        return self._path(QUEUE, qid, ENV_SUFFIX)
+
     def open_body(self, qid: str) -> BinaryIO:
         try:
             return open(self.body_path(qid), "rb")
@@ -469,6 +477,29 @@ class Spool:
         free = st.f_bavail * st.f_frsize
         self._free_cache = (now, free)
         return free
+
+    # -- the trigger file -----------------------------------------------------------------------------
+
+    def trigger_path(self) -> str:
+        return os.path.join(self.directory, TRIGGER_FILE)
+
+    def touch_trigger(self) -> None:
+        """Make ``trigger`` newer, so a running daemon rescans the queue (within about a second).
+
+        The new time is at least one nanosecond past the old one: on a coarse file-system clock two changes in
+        one tick would otherwise look like one. A failure is logged, never raised: it only delays the daemon
+        until its next full rescan.
+        """
+        path = self.trigger_path()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                stamp = max(time.time_ns(), os.fstat(fd).st_mtime_ns + 1)
+                os.utime(fd, ns=(stamp, stamp))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("cannot touch %s: %s (the daemon notices at its next full rescan)", path, exc)
 
     # -- locking --------------------------------------------------------------------------------------
 

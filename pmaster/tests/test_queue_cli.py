@@ -4,8 +4,11 @@ with and without a running daemon (SPEC sections 1 and 9)."""
 import datetime
 import json
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -55,16 +58,25 @@ class Queue:
         return subprocess.run([sys.executable, "-m", "pmaster", "queue", "-c", self.daemon.config_path] + list(args),
                               capture_output=True, text=True, timeout=30, env=env)
 
+    def run_limited(self, max_file_size, *args):
+        """``run`` in a process whose files may not grow past ``max_file_size`` bytes (a full disk, for root)."""
+        code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                "resource.setrlimit(resource.RLIMIT_FSIZE, (%d, %d)); from pmaster.cli import main; "
+                "sys.exit(main(sys.argv[1:]))" % (max_file_size, max_file_size))
+        env = dict(os.environ, PYTHONPATH=REPO)
+        return subprocess.run([sys.executable, "-c", code, "queue", "-c", self.daemon.config_path] + list(args),
+                              capture_output=True, text=True, timeout=30, env=env)
+
     def inject(self, rcpts=("bob@x.test",), sender="a@sender.test", next_attempt=0.0, held=False,
-               attempts=0, last_reply="") -> str:
+               attempts=0, last_reply="", body=BODY) -> str:
         now = time.time()
         recipients = [Recipient(address=a, original=a, mailer="pipe", target="pipe(cat > %s/out-$QUEUE_ID.eml)"
                                 % self.tmp, next_attempt=next_attempt, attempts=attempts, last_reply=last_reply)
                       for a in rcpts]
         with self.spool.writer() as w:
-            w.write(BODY)
+            w.write(body)
             w.commit(Envelope(queue_id=w.queue_id, sender=sender, recipients=recipients, arrival=now,
-                              size=len(BODY), held=held))
+                              size=len(body), held=held))
         return w.queue_id
 
     def listing(self):
@@ -213,3 +225,64 @@ def test_corrupt_envelope_is_moved_to_corrupt_and_reported(q):
     assert [m["id"] for m in json.loads(out.stdout)] == [good]
     assert bad in out.stderr and "corrupt" in out.stderr and "Traceback" not in out.stderr
     assert bad in q.spool.corrupt_ids()
+
+
+BIG_HEADERS = (b"From: <a@sender.test>\r\nSubject: big\r\nMessage-ID: <big@sender.test>\r\n"
+               + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"x" * 70) for i in range(300)) + b"\r\nhello\r\n")
+
+
+def test_bounce_that_cannot_store_its_report_keeps_the_message(q):
+    qid = q.inject(attempts=2, last_reply="451 4.3.0 later", next_attempt=later(), body=BIG_HEADERS)
+    # Files up to 16 KiB: the envelope fits, the report (it quotes the 24 KiB header block) does not.
+    out = q.run_limited(16 * 1024, "bounce", qid)
+    assert out.returncode == 1, out
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("pmaster: ")
+    assert "Traceback" not in out.stderr
+    assert q.spool.ids() == [qid]
+    r = q.spool.load(qid).recipients[0]
+    assert (r.state, r.attempts, r.last_reply) == ("pending", 2, "451 4.3.0 later")
+    out = q.run("bounce", qid)  # with room again, the bounce goes through
+    assert out.returncode == 0, out.stderr
+    ids = q.spool.ids()
+    assert len(ids) == 1 and ids[0] != qid and q.spool.load(ids[0]).is_bounce
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory that another user can reach (pytest's tmp_path is private to root)."""
+    path = tempfile.mkdtemp(prefix="pmaster-owner-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_cli_run_by_root_writes_as_the_owner_of_the_spool(q, shared_dir):
+    assert os.geteuid() == 0, "this test needs root, as on the CI machine"
+    nobody = pwd.getpwnam("nobody")
+    spool_dir = os.path.join(shared_dir, "spool")
+    with open(q.daemon.config_path) as f:
+        text = f.read().replace(q.daemon.spool_dir, spool_dir)
+    with open(q.daemon.config_path, "w") as f:
+        f.write(text)
+    q.spool = Spool(spool_dir)
+    qid = q.inject(next_attempt=later())
+    for root, dirs, files in os.walk(spool_dir):  # what the daemon does before it drops to user-id
+        for name in [root] + [os.path.join(root, n) for n in dirs + files]:
+            os.chown(name, nobody.pw_uid, nobody.pw_gid)
+    for action in (("hold", qid), ("release", qid), ("flush", qid), ("flush",), ("show", qid)):
+        out = q.run(*action)
+        assert out.returncode == 0, (action, out.stderr)
+    assert q.listing()[qid]["state"] == "active"
+    other = q.inject(next_attempt=later())
+    os.chown(q.spool.env_path(other), nobody.pw_uid, nobody.pw_gid)
+    os.chown(q.spool.body_path(other), nobody.pw_uid, nobody.pw_gid)
+    out = q.run("bounce", other)  # writes a new message: the report
+    assert out.returncode == 0, out.stderr
+    owners = {}
+    for root, dirs, files in os.walk(spool_dir):
+        for name in [root] + [os.path.join(root, n) for n in dirs + files]:
+            st = os.stat(name)
+            owners[os.path.relpath(name, spool_dir)] = (st.st_uid, st.st_gid)
+    assert {"queue/%s.env" % qid, "locks/%s.lock" % qid, "trigger"} <= set(owners)
+    assert len([n for n in owners if n.startswith("queue/") and n.endswith(".env")]) == 2  # qid and the report
+    assert {k: v for k, v in owners.items() if v != (nobody.pw_uid, nobody.pw_gid)} == {}

@@ -5,6 +5,8 @@ import email
 import logging
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -19,7 +21,7 @@ from pmaster.mailers.dispatch import Mailers
 from pmaster.routing import bounce_recipients
 from pmaster.scheduler import Job, Scheduler, backoff, destination_limit, destination_of, plan_jobs
 from pmaster.spool import Spool
-from pmaster.tests.daemon_fixture import wait_for
+from pmaster.tests.daemon_fixture import REPO, wait_for
 from pmaster.tests.smtpsink import SmtpSink
 
 BODY = b"From: a@src.test\r\nSubject: sched\r\nMessage-ID: <m1@src.test>\r\n\r\nhello\r\n"
@@ -576,3 +578,136 @@ def test_job_carries_planning_envelope_outside_its_identity():
     env = envelope([rcpt("a@x.test")])
     job = Job("Q", "pipe", "rec", "pipe:rec", (0,), envelope=env, stamp=(1, 2, 3))
     assert job == Job("Q", "pipe", "rec", "pipe:rec", (0,)) and job.envelope is env
+
+
+# -- results that cannot be recorded, shutdown, bounces that cannot be queued -------------------------------
+
+
+class FailingSaves:
+    """Makes ``spool.save`` of one in-process spool raise ``SpoolError`` while ``failing`` is set.
+
+    The one stand-in in these tests: they run as root, where file modes do not stop a write, and a full
+    file system cannot be arranged for one thread of this process; everything else stays real.
+    """
+
+    def __init__(self, spool: Spool, monkeypatch) -> None:
+        self.failing = True
+        real = spool.save
+
+        def save(env):
+            if self.failing:
+                raise SpoolError("%s: cannot save envelope: [Errno 28] No space left on device" % env.queue_id)
+            return real(env)
+
+        monkeypatch.setattr(spool, "save", save)
+
+
+def test_failed_save_after_delivery_never_delivers_the_recipient_again(setup, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, "pmaster")
+    s = setup()
+    saves = FailingSaves(s.spool, monkeypatch)
+    qid = s.inject([("a@x.test", "pipe", "rec"), ("b@x.test", "pipe", "temp")])
+    assert wait_for(lambda: caplog.text.count("cannot record delivery results") >= 2, 10)
+    time.sleep(1.0)  # the record on disk still says "pending, due now": nothing may be delivered again
+    assert s.argv_lines() == ["%s a@x.test" % qid]
+    assert [r.attempts for r in s.env(qid).recipients] == [0, 0]
+    failures = caplog.text.count("cannot record delivery results")
+    time.sleep(0.3)
+    assert caplog.text.count("cannot record delivery results") == failures  # no retry before its time
+    s.advance(60)
+    assert wait_for(lambda: caplog.text.count("cannot record delivery results") == failures + 1, 5)
+    time.sleep(0.3)
+    assert caplog.text.count("cannot record delivery results") == failures + 1  # one line per retry
+    saves.failing = False
+    s.advance(25)  # the next try, 20 s after the failed one (and before queue-lifetime bounces b)
+    s.wait_state(qid, 0, lambda r: r.state == SENT)
+    env = s.env(qid)
+    assert env.recipients[0].attempts == 1
+    assert env.recipients[1].state == PENDING and env.recipients[1].attempts >= 1
+    assert s.argv_lines() == ["%s a@x.test" % qid]
+
+
+def test_results_kept_after_a_failed_save_are_saved_at_shutdown(setup, monkeypatch):
+    s = setup()
+    saves = FailingSaves(s.spool, monkeypatch)
+    qid = s.inject([("a@x.test", "pipe", "rec"), ("b@x.test", "pipe", "temp")])
+    assert wait_for(lambda: len(s.argv_lines()) == 1 and s.sched.in_flight == 0, 10)
+    time.sleep(0.3)
+    saves.failing = False
+    s.sched.stop(time.monotonic() + 5)
+    env = s.env(qid)
+    assert [(r.state, r.attempts) for r in env.recipients] == [(SENT, 1), (PENDING, 1)]
+
+
+def test_message_locked_by_another_process_does_not_hold_a_worker(setup, monkeypatch):
+    monkeypatch.setattr(sched_mod, "RECORD_LOCK_WAIT", 0.3)
+    s = setup(workers=1)
+    qid = _commit_deferred(s, 0.0)  # due now; the scheduler hears of it below
+    with s.spool.lock(qid):  # what a suspended ``pmaster queue`` holding the message lock looks like
+        s.sched.notify(qid)
+        assert wait_for(lambda: s.argv_lines() == ["%s a@x.test" % qid], 10)
+        other = s.inject([("b@x.test", "pipe", "single")])
+        assert wait_for(lambda: not s.spool.exists(other), 5), "the only worker still waits for the lock"
+        assert s.env(qid).recipients[0].attempts == 0
+    s.advance(60)
+    assert wait_for(lambda: not s.spool.exists(qid), 10)
+    assert [line for line in s.argv_lines() if "a@x.test" in line] == ["%s a@x.test" % qid]
+
+
+def test_stop_lets_the_running_delivery_finish_and_starts_no_queued_job(setup):
+    s = setup(workers=1, extra='[pipe slow]\n  exec = /bin/sh -c "cat > /dev/null; sleep 1"\n')
+    running = s.inject([("a@x.test", "pipe", "slow")])
+    assert wait_for(lambda: s.sched.in_flight == 1, 5)
+    queued = s.inject([("b@x.test", "pipe", "rec")])
+    assert wait_for(lambda: s.sched.queued_jobs == 1, 5)  # planned, waiting for the only worker
+    s.sched.stop(time.monotonic() + 5)
+    assert not s.spool.exists(running)  # the delivery in progress finished and was recorded
+    assert s.argv_lines() == []
+    assert s.env(queued).recipients[0].attempts == 0
+
+
+BIG_HEADERS = (b"From: a@src.test\r\nSubject: big\r\nMessage-ID: <big@src.test>\r\n"
+               + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"x" * 70) for i in range(300)) + b"\r\nhello\r\n")
+
+FSIZE_SCHEDULER = r"""
+import resource, signal, sys, time
+from pmaster.config import load
+from pmaster.mailers.dispatch import Mailers
+from pmaster.routing import bounce_recipients
+from pmaster.scheduler import Scheduler
+from pmaster.spool import Spool
+config_path, spool_dir, qid, limit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too large file gives EFBIG, as on a full disk
+config = load(config_path)
+spool = Spool(spool_dir)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sched = Scheduler(lambda: config, spool, Mailers(set), bounce_recipients)
+sched.start()
+end = time.monotonic() + 10
+while time.monotonic() < end and spool.exists(qid) and not spool.load(qid).recipients[0].attempts:
+    time.sleep(0.05)
+sched.stop(time.monotonic() + 5)
+"""
+
+
+def test_bounce_that_cannot_be_queued_keeps_the_recipient_deferred(tmp_path):
+    s = Setup(tmp_path)
+    qid = s.inject([("a@x.test", "pipe", "perm")], body=BIG_HEADERS)
+    # A scheduler whose files may not exceed 16 KiB: the envelope fits, the report (with the headers) does not.
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", FSIZE_SCHEDULER, s.path, s.spool.directory, qid, str(16 * 1024)],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert s.spool.ids() == [qid], "the message was removed without its report"
+    r = s.env(qid).recipients[0]
+    assert (r.state, r.attempts) == (PENDING, 1)
+    assert "no such user" in r.last_reply and "report" in r.last_reply
+    assert r.next_attempt > time.time()
+    # Once the report can be stored, the next attempt bounces and sends it.
+    try:
+        s.sched.start()
+        s.advance(r.next_attempt - s.clock() + 1)
+        assert wait_for(lambda: not s.spool.exists(qid) and s.files("bounce-"), 10)
+    finally:
+        s.sched.stop(time.monotonic() + 5)
+    assert "no such user" in _read(s, s.files("bounce-")[0])

@@ -446,3 +446,36 @@ def test_lock_waiter_survives_lock_file_removal(tmp_path):
     thread.join(JOIN_TIMEOUT)
     assert not thread.is_alive()
     assert listing(spool, "locks") == []
+
+
+# -- the trigger file and paths -------------------------------------------------------------------------
+
+
+def test_trigger_path_is_in_the_spool_directory(tmp_path):
+    spool = Spool(str(tmp_path))
+    assert spool.trigger_path() == os.path.join(spool.directory, "trigger")
+
+
+def test_touch_trigger_creates_the_file_and_always_moves_its_time_forward(tmp_path):
+    spool = Spool(str(tmp_path))
+    stamps = []
+    for _ in range(5):
+        spool.touch_trigger()
+        stamps.append(os.stat(spool.trigger_path()).st_mtime_ns)
+    assert stamps == sorted(set(stamps))
+
+
+def test_touch_trigger_failure_is_logged_not_raised(tmp_path, caplog):
+    spool = Spool(str(tmp_path))
+    os.mkdir(spool.trigger_path())  # a directory cannot be opened for writing, not even by root
+    spool.touch_trigger()
+    assert "cannot touch" in caplog.text
+
+
+def test_env_path_names_the_envelope_file_and_checks_the_id(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    assert spool.env_path(env.queue_id) == os.path.join(spool.directory, "queue", env.queue_id + ".env")
+    assert os.path.exists(spool.env_path(env.queue_id))
+    with pytest.raises(QueueIdError):
+        spool.env_path("../x")
