@@ -34,9 +34,10 @@ import threading
 import time
 from typing import List, Optional, Set, Tuple
 
-from pmaster import logsetup
+from pmaster import logsetup, privileges
 from pmaster.config import Config, load
 from pmaster.errors import ConfigError, PmasterError
+from pmaster.mailers import relay
 from pmaster.mailers.dispatch import Mailers
 from pmaster.routing import bounce_recipients
 from pmaster.scheduler import Scheduler
@@ -155,10 +156,7 @@ class Daemon:
         except OSError as exc:
             raise PmasterError("cannot hand the log files over to user %s: %s" % (core.user_id, exc))
         try:
-            os.setgroups([])
-            os.setgid(gid)
-            if uid != -1:
-                os.setuid(uid)
+            privileges.switch_to(uid, gid)
         except OSError as exc:
             raise PmasterError("cannot drop privileges to user %s group %s: %s"
                                % (core.user_id or "(unchanged)", core.group_id or "(unchanged)", exc.strerror))
@@ -282,6 +280,7 @@ class Daemon:
         if self.runtime.active_sessions():
             log.warning("stopping with %d session(s) still open", self.runtime.active_sessions())
         self.stop_scheduler(deadline)
+        relay.close_cached()  # QUIT the SMTP sessions kept for reuse, now that no delivery needs them
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self.remove_pid_file()

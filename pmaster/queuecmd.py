@@ -15,7 +15,6 @@ Errors: an unknown id, a message that stays locked, an unreadable spool, a repor
 """
 
 import argparse
-import codecs
 import datetime
 import json
 import os
@@ -23,6 +22,7 @@ import sys
 import time
 from typing import Dict, List
 
+from pmaster import privileges
 from pmaster.config import Config, load
 from pmaster.envelope import BOUNCED, PENDING, Envelope
 from pmaster.errors import PmasterError, QueueIdError, SpoolError
@@ -82,13 +82,8 @@ def become_spool_owner(directory: str) -> None:
         return  # no spool yet: whoever creates it, the daemon hands it over at start
     if st.st_uid == 0:
         return
-    # Codecs load lazily, and the new user may not be able to read the Python installation (one under /root).
-    for name in ("ascii", "utf-8", "latin-1"):
-        codecs.lookup(name)
     try:
-        os.setgroups([])
-        os.setgid(st.st_gid)
-        os.setuid(st.st_uid)
+        privileges.switch_to(st.st_uid, st.st_gid)
     except OSError as exc:
         raise PmasterError("cannot switch to uid %d gid %d, the owner of spool %s: %s"
                            % (st.st_uid, st.st_gid, directory, exc.strerror or exc))

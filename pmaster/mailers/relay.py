@@ -10,23 +10,40 @@ API:
   ``RefusedHosts`` / ``REFUSED``: addresses that refused (or timed out) a connection are skipped for
      ``SKIP_SECONDS``; ``REFUSED.now`` is the clock (replace it in tests).
   ``parse_host(spec, default_port) -> (host, port)``.
+  ``ConnectionCache`` / ``CACHE``: idle sessions parked after a transaction for the next job to the same
+     destination (Postfix's connection cache); ``close_cached()`` QUITs them all (for the daemon's shutdown;
+     also registered with ``atexit``). ``CACHE.now`` is its clock (replace it in tests).
 Invariants (SPEC section 5): all recipients of a delivery go in one transaction per host. The next host is
   tried only after a session-level failure (connect failure, 421, a 4xx/5xx to the greeting, EHLO/HELO, MAIL
   or AUTH, a failed required TLS), never once a recipient got its own reply. Credentials go only over TLS;
   with ``auth-user`` set and no TLS the recipients are deferred. The body is streamed from the spool file
   in chunks and dot-stuffed on the way (RFC 5321 section 4.5.2). ``Result.reply`` is ``"CODE TEXT"`` for a
   remote reply. A destination that is one of ``local_addresses()`` defers with "mail loops back to myself".
-Threading: ``deliver`` runs in any number of threads at once; the only shared state is ``REFUSED`` (locked)
-  and the TLS context cache (locked; contexts are used read-only).
+Connection cache: a session whose transaction got its final reply (whatever the recipients' results) is
+  parked after ``RSET`` got 250, instead of QUIT. The key holds everything that makes a session reusable:
+  address and port, the host name (certificates are checked against it), HELO name, TLS mode and CA file,
+  whether TLS is active, and the AUTH user (an authenticated session never serves another user or a job
+  without AUTH, nor the reverse). A parked session idle for ``IDLE_SECONDS`` is closed; one is used for at
+  most ``REUSE_LIMIT`` transactions and ``REUSE_SECONDS``; at most ``PER_DESTINATION`` idle sessions per
+  address and port, ``CACHE_SIZE`` in all. A job takes a cached session before it connects, after the
+  mail-loop and refused-host checks; a cached session that has hung up, or that answers MAIL with 421 or a
+  broken connection, is stale: it is dropped and the job connects afresh to the same host, which is not a
+  failure of that host (no next host, no refused-host memo, not counted in ``MAX_CONNECTIONS``).
+Threading: ``deliver`` runs in any number of threads at once; shared state is ``REFUSED`` (locked), the TLS
+  context cache (locked; contexts are used read-only) and ``CACHE`` (locked; a session is out of the cache
+  while a job uses it, so no two threads ever share one). One daemon thread (``relay-cache``) runs while
+  sessions are parked: it QUITs expired ones; parked sockets never keep the process from exiting.
 Errors: never raises for a delivery problem (SPEC: mailers return TEMPFAIL with the reason); raises
   ``ValueError`` when called with both or neither of ``relay`` and ``hosts``. Passwords are never logged.
 """
 
+import atexit
 import base64
 import ipaddress
 import logging
 import os
 import re
+import select
 import smtplib
 import socket
 import ssl
@@ -47,6 +64,15 @@ MX_PORT = 25  # port for MX delivery; tests pass mx_port (MX records cannot carr
 SKIP_SECONDS = 300.0  # a host that refused a connection is not tried again for this long (SPEC 5)
 MAX_CONNECTIONS = 5  # connection attempts per delivery, like Postfix's smtp_mx_address_limit
 CHUNK = 64 * 1024  # body bytes read and sent at a time
+# Connection cache limits, after Postfix's smtp_connection_cache_time_limit and smtp_connection_reuse_*.
+IDLE_SECONDS = 2.0  # a parked session unused for this long is closed
+REUSE_LIMIT = 100  # transactions per connection
+REUSE_SECONDS = 300.0  # age of a connection after which it is not parked again
+PER_DESTINATION = 10  # idle sessions per (address, port); the scheduler's destination-concurrency default
+CACHE_SIZE = 100  # idle sessions in all
+REAP_SECONDS = 0.5  # how often the reaper looks for expired sessions
+CLOSE_SECONDS = 2.0  # time for one batch of QUITs to expired (or, at exit, all) parked sessions
+PROBE_IDLE = True  # look for a hang-up (EOF, a 421) on a cached socket before using it
 
 
 @dataclass(frozen=True)
@@ -59,6 +85,7 @@ class Timeouts:
     data_block: float = 180.0  # each chunk of the message text
     data_end: float = 600.0  # reply after the final dot
     quit: float = 10.0
+    rset: float = 20.0  # RSET before a session is parked (Postfix's smtp_rset_timeout)
 
 
 TIMEOUTS = Timeouts()
@@ -93,6 +120,235 @@ class RefusedHosts:
 
 
 REFUSED = RefusedHosts()
+
+
+# -- connection cache -------------------------------------------------------------------------------
+
+# (ip, port, host name, HELO name, TLS mode, CA file, CA file mtime, TLS active, AUTH user)
+CacheKey = Tuple[str, int, str, str, str, Optional[str], float, bool, Optional[str]]
+
+
+@dataclass(eq=False)
+class _Parked:
+    """A live SMTP session between transactions: in the EHLO (or after-AUTH) state, no MAIL pending."""
+
+    client: smtplib.SMTP
+    born: float  # cache clock at connect
+    uses: int = 0  # transactions begun on it (MAIL accepted)
+    since: float = 0.0  # cache clock when parked
+
+
+class ConnectionCache:
+    """Idle sessions by ``CacheKey``: ``take`` one out, ``put`` it back after a transaction (see the docstring).
+
+    Expired sessions leave the cache under the lock and are QUIT by the reaper thread outside it, so a
+    delivery never waits for another server's QUIT.
+    """
+
+    def __init__(self, idle: float = IDLE_SECONDS, reuse_limit: int = REUSE_LIMIT,
+                 reuse_seconds: float = REUSE_SECONDS, per_destination: int = PER_DESTINATION,
+                 size: int = CACHE_SIZE, now: Callable[[], float] = time.monotonic):
+        self.idle = idle
+        self.reuse_limit = reuse_limit
+        self.reuse_seconds = reuse_seconds
+        self.per_destination = per_destination
+        self.size = size
+        self.now = now
+        self._idle: Dict[CacheKey, List[_Parked]] = {}  # most recently parked last
+        self._per_dest: Dict[Tuple[str, int], int] = {}
+        self._count = 0
+        self._doomed: List[_Parked] = []
+        self._cond = threading.Condition()
+        self._reaper: Optional[threading.Thread] = None
+
+    def __len__(self) -> int:
+        with self._cond:
+            return self._count
+
+    def take(self, key: CacheKey) -> Optional[_Parked]:
+        """The most recently parked live session for ``key``, now owned by the caller; None if there is none."""
+        with self._cond:
+            self._purge()
+            stack = self._idle.get(key)
+            if not stack:
+                return None
+            parked = stack.pop()
+            self._forget(key, 1)
+            return parked
+
+    def wants(self, key: CacheKey, parked: _Parked) -> bool:
+        """Whether ``put`` would keep this session now (checked before spending an RSET on it)."""
+        with self._cond:
+            return self._fits(key, parked)
+
+    def put(self, key: CacheKey, parked: _Parked) -> bool:
+        """Park ``parked``; False (the caller still owns and must close it) when a limit says no."""
+        with self._cond:
+            self._purge()
+            if not self._fits(key, parked):
+                return False
+            if self._count >= self.size:
+                self._evict_oldest()
+            parked.since = self.now()
+            self._idle.setdefault(key, []).append(parked)
+            dest = _dest(key)
+            self._per_dest[dest] = self._per_dest.get(dest, 0) + 1
+            self._count += 1
+            self._start_reaper()
+            return True
+
+    def close_all(self) -> None:
+        """QUIT every parked session now (the daemon's shutdown; ``atexit``). The cache stays usable."""
+        with self._cond:
+            doomed = self._doomed + [p for stack in self._idle.values() for p in stack]
+            self._doomed = []
+            self._idle.clear()
+            self._per_dest.clear()
+            self._count = 0
+            self._cond.notify_all()
+        _quit_all(doomed, CLOSE_SECONDS)
+
+    # under the lock
+
+    def _fits(self, key: CacheKey, parked: _Parked) -> bool:
+        if self.size <= 0 or parked.uses >= self.reuse_limit:
+            return False
+        if self.now() - parked.born >= self.reuse_seconds:
+            return False
+        return self._per_dest.get(_dest(key), 0) < self.per_destination
+
+    def _forget(self, key: CacheKey, n: int) -> None:
+        if not self._idle.get(key):
+            self._idle.pop(key, None)
+        dest = _dest(key)
+        left = self._per_dest.get(dest, 0) - n
+        if left > 0:
+            self._per_dest[dest] = left
+        else:
+            self._per_dest.pop(dest, None)
+        self._count -= n
+
+    def _purge(self) -> None:
+        """Move expired sessions (idle too long, or too old to serve again) to the reaper's list."""
+        if not self._count:
+            return
+        now = self.now()
+        for key in list(self._idle):
+            stack = self._idle[key]
+            keep = [p for p in stack if now - p.since < self.idle and now - p.born < self.reuse_seconds]
+            if len(keep) == len(stack):
+                continue
+            self._doomed.extend(p for p in stack if p not in keep)
+            self._idle[key] = keep
+            self._forget(key, len(stack) - len(keep))
+        if self._doomed:
+            self._cond.notify_all()
+
+    def _evict_oldest(self) -> None:
+        key = min(self._idle, key=lambda k: self._idle[k][0].since)
+        self._doomed.append(self._idle[key].pop(0))
+        self._forget(key, 1)
+        self._cond.notify_all()
+
+    def _start_reaper(self) -> None:
+        # Invariant: a reaper runs whenever a session is parked or doomed; it ends itself only under the
+        # lock, when both are empty, so a put after that starts a new one.
+        if self._reaper is None:
+            self._reaper = threading.Thread(target=self._reap, name="relay-cache", daemon=True)
+            self._reaper.start()
+
+    # the reaper thread
+
+    def _reap(self) -> None:
+        while True:  # ends when the cache is empty; wakes every REAP_SECONDS while it is not
+            with self._cond:
+                self._purge()
+                doomed, self._doomed = self._doomed, []
+                if not doomed:
+                    if not self._count:
+                        self._reaper = None
+                        return
+                    self._cond.wait(REAP_SECONDS)
+                    continue
+            _quit_all(doomed, CLOSE_SECONDS)
+
+
+def _dest(key: CacheKey) -> Tuple[str, int]:
+    return key[0], key[1]
+
+
+CACHE = ConnectionCache()
+
+
+def close_cached() -> None:
+    """QUIT and close every parked relay session; the daemon calls this at shutdown (also run at exit)."""
+    CACHE.close_all()
+
+
+def _forget_in_child() -> None:
+    # A forked child shares the parent's parked sockets: it must never QUIT them (not even at exit), and
+    # the old cache's lock may have been held by a thread that does not exist in the child.
+    global CACHE
+    CACHE = ConnectionCache()
+
+
+atexit.register(close_cached)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _quit_all(sessions: List[_Parked], budget: float) -> None:
+    """Send QUIT on every session, then collect the replies, all within ``budget`` seconds; close them."""
+    end = time.monotonic() + budget
+    sent = []
+    for p in sessions:
+        if _set_timeout(p.client, end):
+            try:
+                p.client.putcmd("quit")
+                sent.append(p)
+                continue
+            except (smtplib.SMTPException, OSError):
+                pass
+        p.client.close()
+    for p in sent:
+        # RFC 5321 section 4.1.1.10: the reply to QUIT, then the close; a silent server gets no more time.
+        if _set_timeout(p.client, end):
+            try:
+                p.client.getreply()
+            except (smtplib.SMTPException, OSError):
+                pass
+        p.client.close()
+
+
+def _set_timeout(client: smtplib.SMTP, end: float) -> bool:
+    left = end - time.monotonic()
+    if client.sock is None or left <= 0:
+        return False
+    try:
+        client.sock.settimeout(left)
+    except OSError:
+        return False
+    return True
+
+
+def _looks_alive(client: smtplib.SMTP) -> bool:
+    """No EOF, error or unsolicited reply (a server's idle-timeout 421) is waiting on an idle session."""
+    sock = client.sock
+    if sock is None:
+        return False
+    if not PROBE_IDLE:
+        return True
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return False
+    try:
+        if hasattr(select, "poll"):  # poll, not select: a busy daemon has descriptors above FD_SETSIZE
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return not poller.poll(0)
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
 
 
 def _no_listeners() -> Set[Tuple[str, int]]:
@@ -182,6 +438,10 @@ class _Lost(Exception):
 
 class _Deadline(Exception):
     """``Delivery.deadline`` has passed."""
+
+
+class _Stale(Exception):
+    """A cached session turned out dead at MAIL (a broken connection or 421): connect afresh."""
 
 
 _DEADLINE = _Failure("delivery interrupted: deadline reached (shutting down)", "4.3.2")
@@ -303,6 +563,7 @@ class _Job:
         self.password: Optional[str] = None
         self.size = 0
         self.tls_context: Optional[ssl.SSLContext] = None
+        self.tls_ca: Tuple[Optional[str], float] = (None, 0.0)  # CA file and its mtime, for the cache key
         self.local = _listeners(local_addresses())
         self.connections = 0
 
@@ -323,6 +584,7 @@ class _Job:
         if self.tls_mode != "none":
             cafile = self.relay.tls_ca_file if self.relay is not None else None
             try:
+                self.tls_ca = (cafile, os.stat(cafile).st_mtime if cafile else 0.0)
                 self.tls_context = _tls_context(self.tls_mode, cafile)
             except (OSError, ssl.SSLError) as exc:
                 return _Failure("cannot load tls-ca-file %s: %s" % (cafile, exc), "4.7.5")
@@ -375,7 +637,18 @@ class _Job:
             return [final.failure.result()] * len(rcpts)
         return [last.result()] * len(rcpts)
 
+    def cache_key(self, target: _Target, tls: bool) -> CacheKey:
+        return (target.ip, target.port, target.name, self.helo, self.tls_mode, self.tls_ca[0], self.tls_ca[1],
+                tls, self.auth_user)
+
     def attempt(self, target: _Target, rcpts: List[Recipient]) -> Union[List[Result], _Failure]:
+        parked = self.take_cached(target)
+        if parked is not None:
+            try:
+                return self.drive(_Session(self, parked.client, target, rcpts, parked), _Session.reuse)
+            except _Stale as exc:
+                # The server dropped the idle session: not a failure of the host, so connect afresh.
+                log.debug("%s: cached session with %s is stale (%s); connecting again", self.qid, target, exc)
         try:
             return self.session(target, rcpts, try_tls=True)
         except _TlsRetry as exc:
@@ -388,30 +661,60 @@ class _Job:
         except _TlsRetry as exc:  # cannot happen without STARTTLS; be safe anyway
             return _Failure("TLS failure with %s: %s" % (target, exc), "4.7.5")
 
+    def take_cached(self, target: _Target) -> Optional[_Parked]:
+        """A parked session fit for this job and target (TLS first where TLS is possible), or None."""
+        tls_states = {"none": (False,), "required": (True,)}.get(self.tls_mode, (True, False))
+        for tls in tls_states:
+            key = self.cache_key(target, tls)
+            for _ in range(PER_DESTINATION + 1):  # bounded: skip the ones that hung up while idle
+                parked = CACHE.take(key)
+                if parked is None:
+                    break
+                if _looks_alive(parked.client):
+                    return parked
+                log.debug("%s: cached session with %s has hung up", self.qid, target)
+                parked.client.close()
+        return None
+
     def session(self, target: _Target, rcpts: List[Recipient], try_tls: bool) -> Union[List[Result], _Failure]:
         self.connections += 1
         client = smtplib.SMTP(local_hostname=self.helo)
         try:
-            try:
-                client.sock = _connect(target, self.timeouts.connect, self.delivery.deadline)
-            except OSError as exc:
-                if self.expired():
-                    return [_DEADLINE.result()] * len(rcpts)
-                REFUSED.mark(target.ip, target.port)
-                return _Failure("connect to %s: %s" % (target, _strerror(exc)), "4.4.1")
-            return _Session(self, client, target, rcpts).run(try_tls)
+            client.sock = _connect(target, self.timeouts.connect, self.delivery.deadline)
+        except OSError as exc:
+            client.close()
+            if self.expired():
+                return [_DEADLINE.result()] * len(rcpts)
+            REFUSED.mark(target.ip, target.port)
+            return _Failure("connect to %s: %s" % (target, _strerror(exc)), "4.4.1")
+        sess = _Session(self, client, target, rcpts, _Parked(client, CACHE.now()))
+        return self.drive(sess, lambda s: s.run(try_tls))
+
+    def drive(self, sess: "_Session", step: Callable[["_Session"], List[Result]]) -> Union[List[Result], _Failure]:
+        """Run ``step`` on ``sess``; the session is closed afterwards unless ``step`` parked it."""
+        try:
+            return step(sess)
         except _SessionFailure as exc:
             return exc.failure
         except _Deadline:
-            return [_DEADLINE.result()] * len(rcpts)
+            return [_DEADLINE.result()] * len(sess.rcpts)
         finally:
-            client.close()
+            if not sess.parked:
+                sess.client.close()
 
 
 def _connect(target: _Target, timeout: float, deadline: Optional[float]) -> socket.socket:
     if deadline is not None:
         timeout = min(timeout, max(0.001, deadline - time.monotonic()))
-    return socket.create_connection((target.ip, target.port), timeout)
+    sock = socket.create_connection((target.ip, target.port), timeout)
+    # Every command and message end is one write followed by a wait for the reply, so Nagle's algorithm
+    # only adds a delayed-ACK stall (~40 ms on Linux) when a write leaves a small segment behind unacknowledged
+    # data (a TLS record split, the tail of a chunk). Postfix turns it off too (vstream_tweak_tcp).
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+    return sock
 
 
 def _strerror(exc: BaseException) -> str:
@@ -433,12 +736,18 @@ def _sendable(address: str) -> bool:
 
 
 class _Session:
-    def __init__(self, job: _Job, client: smtplib.SMTP, target: _Target, rcpts: List[Recipient]):
+    def __init__(self, job: _Job, client: smtplib.SMTP, target: _Target, rcpts: List[Recipient],
+                 conn: _Parked):
         self.job = job
         self.client = client
         self.target = target
         self.rcpts = rcpts
         self.t = job.timeouts
+        self.conn = conn  # the connection's life: age and transactions, carried through the cache
+        self.reused = conn.uses > 0
+        self.tls = False
+        self.clean = False  # the last command got its final reply and no transaction is open: parkable
+        self.parked = False
 
     # low-level steps
 
@@ -479,7 +788,7 @@ class _Session:
         try:
             self.greeting()
             self.hello()
-            tls = self.starttls() if try_tls and self.job.tls_mode != "none" else False
+            tls = self.tls = self.starttls() if try_tls and self.job.tls_mode != "none" else False
             if self.job.tls_mode == "required" and not tls:
                 raise self.fail("TLS is required but was not negotiated", "before MAIL", "4.7.5")
             if self.job.auth_user:
@@ -488,15 +797,58 @@ class _Session:
             raise self.lost(exc, "before MAIL") from None
         too_big = self.check_size()
         if too_big is not None:
-            self.quit()
+            self.clean = True
+            self.finish()
             return [too_big] * len(self.rcpts)
         try:
             self.mail()
         except _Lost as exc:
             raise self.lost(exc, "in reply to MAIL FROM") from None
         results = self.transaction()
-        self.quit()
+        self.finish()
         return results
+
+    def reuse(self) -> List[Result]:
+        """The dialogue on a cached session: straight to MAIL; a dead session raises ``_Stale``."""
+        self.tls = isinstance(self.client.sock, ssl.SSLSocket)
+        log.debug("%s: reusing the session with %s (transaction %d)", self.job.qid, self.target,
+                  self.conn.uses + 1)
+        too_big = self.check_size()
+        if too_big is not None:
+            self.clean = True
+            self.finish()
+            return [too_big] * len(self.rcpts)
+        try:
+            self.mail()
+        except _Lost as exc:
+            raise _Stale(str(exc)) from None
+        results = self.transaction()
+        self.finish()
+        return results
+
+    def finish(self) -> None:
+        """Park the session for the next job when it is clean and the cache wants it; else QUIT."""
+        if self.clean and self.park():
+            return
+        if self.client.sock is not None:
+            self.quit()
+
+    def park(self) -> bool:
+        key = self.job.cache_key(self.target, self.tls)
+        if not CACHE.wants(key, self.conn):
+            return False
+        try:
+            code, text = self.cmd(self.t.rset, "RSET")
+        except (_Lost, _Deadline) as exc:
+            log.debug("%s: RSET to %s failed (%s): not caching the session", self.job.qid, self.target, exc)
+            self.client.close()
+            return False
+        if code != 250:
+            # Postfix too: a server that does not answer RSET with 250 may not be in a clean state.
+            log.debug("%s: %s answered RSET with %s: not caching the session", self.job.qid, self.target, text)
+            return False
+        self.parked = CACHE.put(key, self.conn)
+        return self.parked
 
     def greeting(self) -> None:
         code, text = self.call(self.t.command, self.client.getreply)
@@ -588,8 +940,11 @@ class _Session:
         if env.body_type.upper() == "8BITMIME" and self.client.has_extn("8bitmime"):
             params += " BODY=8BITMIME"
         code, text = self.cmd(self.t.command, "MAIL", "FROM:<%s>%s" % (env.sender, params))
+        if code == 421 and self.reused:
+            raise _Stale(text)
         if not 200 <= code < 300:
             raise self.fail(text, "in reply to MAIL FROM", permanent=code >= 500 and code != 421)
+        self.conn.uses += 1
 
     def transaction(self) -> List[Result]:
         """RCPT for each recipient, then DATA: from the first per-recipient reply on, no other host."""
@@ -621,6 +976,8 @@ class _Session:
                 results[i] = _result(PERMFAIL if code >= 500 else TEMPFAIL, text)
         if accepted:
             self.data(results, accepted)
+        else:
+            self.clean = True  # every RCPT answered (none with 421): RSET ends the transaction
         return _fill(results, "no reply")
 
     def data(self, results: List[Optional[Result]], accepted: List[int]) -> None:
@@ -637,10 +994,12 @@ class _Session:
             try:
                 code, text = self.cmd(self.t.data_init, "DATA")
                 if code != 354:
+                    self.clean = code != 421
                     settle(PERMFAIL if code >= 500 else TEMPFAIL, text)
                     return
                 self.send_body(body)
                 code, text = self.call(self.t.data_end, self.client.getreply)
+                self.clean = code != 421
             except _Lost as exc:
                 settle(TEMPFAIL, "lost connection: %s (%s, while sending the message)" % (exc, self.target),
                        "4.4.2")
@@ -654,8 +1013,13 @@ class _Session:
             settle(PERMFAIL if code >= 500 else TEMPFAIL, text)
 
     def send_body(self, body) -> None:
-        """Stream the dot-unstuffed CRLF body, dot-stuffing it (RFC 5321 section 4.5.2), then the final dot."""
+        """Stream the dot-unstuffed CRLF body, dot-stuffing it (RFC 5321 section 4.5.2), then the final dot.
+
+        The final dot goes out in one write with the last chunk: as a write of its own it would be a small
+        segment behind unacknowledged data, and a server that delays its ACK would then hold up the reply.
+        """
         at_line_start = True
+        pending = b""  # one stuffed chunk held back until we know whether it is the last
         for _ in range(1 << 40):  # bounded by the file size; the range only makes the bound explicit
             try:
                 chunk = body.read(CHUNK)
@@ -669,8 +1033,10 @@ class _Session:
             if at_line_start and chunk.startswith(b"."):
                 stuffed = b"." + stuffed
             at_line_start = chunk.endswith(b"\n")
-            self.sendall(stuffed)
-        self.sendall(b".\r\n" if at_line_start else b"\r\n.\r\n")
+            if pending:
+                self.sendall(pending)
+            pending = stuffed
+        self.sendall(pending + (b".\r\n" if at_line_start else b"\r\n.\r\n"))
 
     def sendall(self, data: bytes) -> None:
         self.arm(self.t.data_block)

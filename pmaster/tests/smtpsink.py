@@ -27,9 +27,13 @@ API:
     ``size_limit``        advertise ``SIZE n`` and refuse larger messages with ``552 5.3.4``
     ``keep_data``         keep message bytes (default True); False keeps only size and sha256
     ``timeout``           per-read timeout of a session (default 10 s)
+    ``idle_timeout``      a client silent this long between commands gets ``421 4.4.2`` and is dropped (0: never)
+    ``rset_reply``        replaces the RSET answer (e.g. ``"500 5.5.1 no"``)
+    ``session_mail_limit`` MAIL number N+1 of one session gets ``421 4.7.0`` and the hang-up (0: no limit)
   Records: ``messages`` (accepted ``Transaction`` objects), ``transactions`` (every message text received,
   with its final ``reply``), ``sessions`` (``Session``: peer, ehlo, tls, auth user, command lines),
-  ``auth_attempts`` (``(mechanism, user, tls)``), ``connections`` (count). ``wait_for_messages(n, timeout)``
+  ``auth_attempts`` (``(mechanism, user, tls)``), ``connections`` (count), ``open_sessions`` (sessions
+  connected now). ``wait_for_messages(n, timeout)``
   blocks until ``n`` messages were accepted. ``.address`` is ``(host, port)``.
   ``tls_server_context(ca, *names)`` builds a server context from a trustme CA.
 Invariants: message text is stored dot-unstuffed with its CRLF line ends, as a real server's spool would.
@@ -92,7 +96,8 @@ class SmtpSink:
                  auth_mechanisms: Tuple[str, ...] = ("PLAIN", "LOGIN"), auth_requires_tls: bool = True,
                  require_auth: bool = False,
                  size_limit: Optional[int] = None, keep_data: bool = True, timeout: float = 10.0,
-                 hostname: str = "sink.test"):
+                 hostname: str = "sink.test", idle_timeout: float = 0.0, rset_reply: Optional[str] = None,
+                 session_mail_limit: int = 0):
         self.host = host
         self.bind_port = port
         self.greeting = greeting
@@ -115,6 +120,9 @@ class SmtpSink:
         self.keep_data = keep_data
         self.timeout = timeout
         self.hostname = hostname
+        self.idle_timeout = idle_timeout
+        self.rset_reply = rset_reply
+        self.session_mail_limit = session_mail_limit
         self.messages: List[Transaction] = []
         self.transactions: List[Transaction] = []
         self.sessions: List[Session] = []
@@ -133,6 +141,11 @@ class SmtpSink:
     @property
     def port(self) -> int:
         return self.address[1]
+
+    @property
+    def open_sessions(self) -> int:
+        with self._cond:
+            return len(self._open)
 
     def start(self) -> "SmtpSink":
         self._server = _Server((self.host, self.bind_port), _Handler, self)
@@ -224,6 +237,7 @@ class _Handler(socketserver.BaseRequestHandler):
         self.authed: Optional[str] = None
         self.txn: Optional[Transaction] = None
         self.rcpt_count = 0
+        self.mail_count = 0
 
     def finish(self) -> None:
         self.sink._register(self.request, False)
@@ -253,7 +267,7 @@ class _Handler(socketserver.BaseRequestHandler):
             if not self.sink.greeting.startswith("220"):
                 return
             for _ in range(MAX_COMMANDS):
-                line = self.readline().decode("utf-8", "replace").rstrip("\r\n")
+                line = self.read_command().decode("utf-8", "replace").rstrip("\r\n")
                 self.sess.commands.append(line)
                 verb, _, arg = line.partition(" ")
                 handler = getattr(self, "do_" + verb.upper(), None)
@@ -263,6 +277,20 @@ class _Handler(socketserver.BaseRequestHandler):
                     return
         except (_Hangup, OSError, ssl.SSLError):
             return
+
+    def read_command(self) -> bytes:
+        """The next command line; with ``idle_timeout``, a client that stays silent is told 421 and dropped."""
+        idle = self.sink.idle_timeout
+        if not idle:
+            return self.readline()
+        self.conn.settimeout(idle)
+        try:
+            return self.readline()
+        except socket.timeout:
+            self.send("421 4.4.2 %s Error: timeout exceeded" % self.sink.hostname)
+            raise _Hangup() from None
+        finally:
+            self.conn.settimeout(self.sink.timeout)
 
     # -- verbs: each returns False to end the session ----------------------------------------------
 
@@ -345,6 +373,10 @@ class _Handler(socketserver.BaseRequestHandler):
         if s.mail_reply:
             self.send(s.mail_reply)
             return not s.mail_reply.startswith("421")
+        self.mail_count += 1
+        if s.session_mail_limit and self.mail_count > s.session_mail_limit:
+            self.send("421 4.7.0 %s Error: too many messages in this session" % s.hostname)
+            return False
         addr, params = _path(arg[5:])
         self.txn = Transaction(addr, params, [], self.sess.ehlo, self.sess.tls, self.authed)
         self.send("250 2.1.0 Sender OK")
@@ -399,7 +431,7 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def do_RSET(self, arg: str):
         self.txn = None
-        self.send("250 2.0.0 Reset OK")
+        self.send(self.sink.rset_reply or "250 2.0.0 Reset OK")
 
     def do_NOOP(self, arg: str):
         self.send("250 2.0.0 OK")

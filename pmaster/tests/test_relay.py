@@ -2,7 +2,12 @@
 
 import hashlib
 import logging
+import os
+import re
 import socket
+import subprocess
+import sys
+import threading
 import time
 import tracemalloc
 
@@ -30,6 +35,15 @@ def fresh_refused_memo(monkeypatch):
     memo = relay.RefusedHosts()
     monkeypatch.setattr(relay, "REFUSED", memo)
     return memo
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(monkeypatch):
+    """Each test gets its own connection cache, whose sessions are QUIT at the end of the test."""
+    cache = relay.ConnectionCache()
+    monkeypatch.setattr(relay, "CACHE", cache)
+    yield cache
+    cache.close_all()
 
 
 @pytest.fixture
@@ -658,3 +672,319 @@ def test_listener_on_another_port_is_not_a_loop(tmp_path):
 def test_deliver_needs_exactly_one_of_relay_and_hosts(tmp_path):
     with pytest.raises(ValueError):
         relay.deliver(make_delivery(tmp_path, ["a@x.test"]), None, None, NO_DNS)
+
+
+# -- connection cache ---------------------------------------------------------------------------------
+
+TXN = ["MAIL FROM:<S@SRC.TEST>", "RCPT TO:<A@X.TEST>", "DATA", "RSET"]  # as lines() shows them
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A cache with a hand-driven clock: ``clock[0]`` is now."""
+    now = [1000.0]
+    monkeypatch.setattr(relay, "CACHE", relay.ConnectionCache(now=lambda: now[0]))
+    yield now
+    relay.CACHE.close_all()
+
+
+def wait_for(predicate, timeout=5.0):
+    end = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.02) + 1):
+        if predicate() or time.monotonic() > end:
+            break
+        time.sleep(0.02)
+    return predicate()
+
+
+def commands(session):
+    return [c.split(" ", 1)[0].upper() for c in session.commands]
+
+
+def lines(session):
+    return [c.upper() for c in session.commands]
+
+
+def test_two_deliveries_in_a_row_share_one_connection(tmp_path, fresh_cache):
+    with SmtpSink() as sink:
+        first = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        second = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        assert statuses(first + second) == [OK, OK]
+        assert sink.connections == 1 and len(sink.messages) == 2
+        assert lines(sink.sessions[0]) == ["EHLO LOCALHOST"] + TXN + TXN
+        assert len(fresh_cache) == 1
+
+
+def test_close_cached_quits_every_parked_session(tmp_path):
+    with SmtpSink() as sink:
+        send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        relay.close_cached()
+        assert len(relay.CACHE) == 0
+        assert wait_for(lambda: commands(sink.sessions[0])[-1:] == ["QUIT"])
+
+
+def test_session_idle_longer_than_the_limit_is_quit_and_not_reused(tmp_path, clock):
+    with SmtpSink() as sink:
+        send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        clock[0] += relay.IDLE_SECONDS + 0.1
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        assert statuses(results) == [OK]
+        assert sink.connections == 2
+        assert wait_for(lambda: commands(sink.sessions[0])[-1:] == ["QUIT"])
+        assert commands(sink.sessions[1]).count("MAIL") == 1
+
+
+def test_reaper_quits_idle_sessions_without_another_delivery(tmp_path, monkeypatch):
+    monkeypatch.setattr(relay, "CACHE", relay.ConnectionCache(idle=0.2))
+    monkeypatch.setattr(relay, "REAP_SECONDS", 0.05)
+    with SmtpSink() as sink:
+        send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        assert wait_for(lambda: commands(sink.sessions[0])[-1:] == ["QUIT"])
+        assert len(relay.CACHE) == 0
+
+
+def test_session_dropped_by_the_server_while_idle_is_replaced_without_deferral(tmp_path, fresh_refused_memo):
+    with SmtpSink(idle_timeout=0.2) as sink:
+        send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        assert wait_for(lambda: sink.connections == 1 and sink.open_sessions == 0, timeout=3)
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        assert statuses(results) == [OK]
+        assert sink.connections == 2 and len(sink.messages) == 2
+        assert not fresh_refused_memo.skipped(*sink.address)
+
+
+def test_hang_up_noticed_only_at_mail_connects_afresh_to_the_same_host(tmp_path, monkeypatch):
+    monkeypatch.setattr(relay, "PROBE_IDLE", False)  # so the dead session really gets its MAIL
+    with SmtpSink(timeout=0.3) as sink, SmtpSink() as backup:
+        hosts = (hostport(sink), hostport(backup))
+        send(make_delivery(tmp_path, ["a@x.test"]), hosts=hosts)
+        assert wait_for(lambda: sink.open_sessions == 0, timeout=3)  # the sink hung up, silently
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=hosts)
+        assert statuses(results) == [OK]
+        assert sink.connections == 2 and len(sink.messages) == 2
+        assert backup.connections == 0
+
+
+def test_421_to_mail_on_a_cached_session_connects_afresh_to_the_same_host(tmp_path, fresh_refused_memo):
+    with SmtpSink(session_mail_limit=1) as sink, SmtpSink() as backup:
+        hosts = (hostport(sink), hostport(backup))
+        send(make_delivery(tmp_path, ["a@x.test"]), hosts=hosts)
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=hosts)
+        assert statuses(results) == [OK]
+        assert sink.connections == 2 and len(sink.messages) == 2
+        assert backup.connections == 0
+        assert commands(sink.sessions[0])[-1] == "MAIL"
+
+
+def test_421_to_mail_on_a_fresh_session_still_moves_to_the_next_host(tmp_path):
+    with SmtpSink(mail_reply="421 4.3.2 going down") as first, SmtpSink() as second:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(first), hostport(second)))
+        assert statuses(results) == [OK]
+        assert first.connections == 1 and len(second.messages) == 1
+
+
+def test_failed_rset_keeps_the_session_out_of_the_cache(tmp_path, fresh_cache):
+    with SmtpSink(rset_reply="500 5.5.1 RSET? never heard of it") as sink:
+        for _ in range(2):
+            assert statuses(send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))) == [OK]
+        assert sink.connections == 2
+        assert commands(sink.sessions[0])[-2:] == ["RSET", "QUIT"]
+        assert len(fresh_cache) == 0
+
+
+def test_connection_serves_at_most_reuse_limit_transactions(tmp_path, monkeypatch):
+    monkeypatch.setattr(relay, "CACHE", relay.ConnectionCache(reuse_limit=3))
+    with SmtpSink() as sink:
+        for _ in range(5):
+            assert statuses(send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))) == [OK]
+        assert sink.connections == 2
+        assert commands(sink.sessions[0]).count("MAIL") == 3
+        assert commands(sink.sessions[0])[-1] == "QUIT"  # no RSET spent on a session that cannot be parked
+        relay.CACHE.close_all()
+
+
+def test_connection_older_than_reuse_time_is_not_reused(tmp_path, clock):
+    with SmtpSink() as sink:
+        send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        clock[0] += 1.0
+        send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        assert sink.connections == 1
+        clock[0] += relay.REUSE_SECONDS - 1.0  # idle for 1 s only, but the connection is 300 s old
+        send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        assert sink.connections == 2
+
+
+def test_sessions_are_not_shared_between_auth_users(tmp_path, ca):
+    def cfg(sink, user):
+        pwfile = tmp_path / ("pw-" + user)
+        pwfile.write_text("pw-%s\n" % user)
+        return RelayConfig("smart", "smart", addresses=(hostport(sink),), auth_user=user,
+                           auth_password_file=str(pwfile))
+
+    with SmtpSink(tls_context=tls_server_context(ca, "localhost"),
+                  auth_users={"joe": "pw-joe", "ann": "pw-ann"}) as sink:
+        for user in ("joe", "ann", None, "joe", None, "ann"):
+            delivery = make_delivery(tmp_path, ["a@x.test"])
+            if user is None:
+                results = send(delivery, hosts=(hostport(sink),))
+            else:
+                results = send(delivery, relay_cfg=cfg(sink, user))
+            assert statuses(results) == [OK]
+        assert sink.connections == 3
+        assert [m.auth for m in sink.messages] == ["joe", "ann", None, "joe", None, "ann"]
+        assert [s.auth for s in sink.sessions] == ["joe", "ann", None]
+        assert sink.auth_attempts == [("PLAIN", "joe", True), ("PLAIN", "ann", True)]
+
+
+def test_sessions_are_not_shared_between_tls_modes(tmp_path, ca, ca_file):
+    with SmtpSink(tls_context=tls_server_context(ca, "127.0.0.1")) as sink:
+        modes = {mode: RelayConfig("smart", "smart", addresses=(hostport(sink),), tls=mode, tls_ca_file=ca_file)
+                 for mode in ("none", "opportunistic", "required")}
+        for mode in ("none", "opportunistic", "required", "required", "opportunistic", "none"):
+            assert statuses(send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=modes[mode])) == [OK]
+        assert sink.connections == 3
+        assert [s.tls for s in sink.sessions] == [False, True, True]
+        assert [m.tls for m in sink.messages] == [False, True, True, True, True, False]
+        assert [commands(s).count("MAIL") for s in sink.sessions] == [2, 2, 2]
+
+
+def test_sessions_are_not_shared_between_helo_names(tmp_path):
+    with SmtpSink() as sink:
+        for name in ("one.src.test", "two.src.test", "one.src.test"):
+            cfg = RelayConfig("smart", "smart", addresses=(hostport(sink),), helo_name=name)
+            assert statuses(send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=cfg)) == [OK]
+        assert sink.connections == 2
+        assert [m.ehlo for m in sink.messages] == ["one.src.test", "two.src.test", "one.src.test"]
+
+
+def test_mail_loop_is_checked_before_a_cached_session_is_used(tmp_path):
+    with SmtpSink() as sink:
+        send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),),
+                       local_addresses=lambda: {("127.0.0.1", sink.port)})
+        assert statuses(results) == [TEMPFAIL]
+        assert "loops back to myself" in results[0].reply
+        assert lines(sink.sessions[0]) == ["EHLO LOCALHOST"] + TXN
+
+
+def test_rejected_recipients_still_leave_a_reusable_session(tmp_path):
+    with SmtpSink(rcpt_replies={"b@x.test": "550 5.1.1 no such user"}) as sink:
+        first = send(make_delivery(tmp_path, ["b@x.test"]), hosts=(hostport(sink),))
+        second = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        assert statuses(first + second) == [PERMFAIL, OK]
+        assert sink.connections == 1
+
+
+def test_concurrent_deliveries_never_use_one_session_at_once(tmp_path):
+    threads_n, per_thread = 8, 5
+    deliveries = [[make_delivery(tmp_path, ["a@x.test"]) for _ in range(per_thread)] for _ in range(threads_n)]
+    results = []
+    lock = threading.Lock()
+    with SmtpSink() as sink:
+        def worker(batch):
+            for delivery in batch:
+                out = send(delivery, hosts=(hostport(sink),))
+                with lock:
+                    results.extend(out)
+
+        threads = [threading.Thread(target=worker, args=(b,)) for b in deliveries]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert statuses(results) == [OK] * (threads_n * per_thread)
+        assert len(sink.messages) == threads_n * per_thread
+        assert sink.connections <= threads_n  # a new session only while every other one is busy
+        assert sink.connections < threads_n * per_thread
+        # Two threads on one session would interleave their commands (or draw 503s).
+        well_formed = re.compile(r"^EHLO( MAIL RCPT DATA RSET)+$")
+        for session in sink.sessions:
+            assert well_formed.match(" ".join(commands(session))), session.commands
+        assert all(t.reply.startswith("250") for t in sink.transactions)
+
+
+def test_cache_limits_idle_sessions_per_destination_and_in_all():
+    cache = relay.ConnectionCache(per_destination=2, size=3)
+
+    def key(ip, helo="h"):
+        return (ip, 25, ip, helo, "none", None, 0.0, False, None)
+
+    def parked():
+        return relay._Parked(relay.smtplib.SMTP(), born=cache.now())  # never connected: nothing to QUIT
+
+    assert cache.put(key("192.0.2.1"), parked())
+    assert cache.put(key("192.0.2.1", helo="other"), parked())
+    assert not cache.put(key("192.0.2.1"), parked())  # the destination has its two already
+    assert cache.put(key("192.0.2.2"), parked())
+    assert cache.put(key("192.0.2.3"), parked())  # full: the oldest session makes room
+    assert len(cache) == 3
+    assert cache.take(key("192.0.2.1")) is None
+    assert cache.take(key("192.0.2.1", helo="other")) is not None
+    cache.close_all()
+    assert len(cache) == 0
+
+
+DELIVER_SCRIPT = """
+import os, sys, time
+from pmaster.config import Config
+from pmaster.dnsresolve import Resolver
+from pmaster.envelope import Envelope, Recipient
+from pmaster.mailers import Delivery, relay
+body, host, fork = sys.argv[1], sys.argv[2], sys.argv[3] == "fork"
+
+def deliver():
+    rcpt = Recipient(address="a@x.test", original="a@x.test", mailer="relay", target="relay()")
+    env = Envelope(queue_id="Q1", sender="s@src.test", recipients=[rcpt], arrival=time.time(), size=5,
+                   body_type="7BIT")
+    d = Delivery("Q1", env, [rcpt], body, Config(path="x"))
+    print(relay.deliver(d, None, (host,), Resolver(("127.0.0.1", 9), timeout=1))[0].status, flush=True)
+
+deliver()
+if fork:
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)  # a normal exit: atexit handlers run in the child too
+    os.waitpid(pid, 0)
+    deliver()
+"""
+
+
+def run_deliver_script(tmp_path, sink, mode):
+    body = tmp_path / "body"
+    body.write_bytes(BODY)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(relay.__file__))))
+    env = dict(os.environ, PYTHONPATH=root)
+    return subprocess.run([sys.executable, "-c", DELIVER_SCRIPT, str(body), hostport(sink), mode], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+
+
+def test_parked_session_does_not_keep_the_process_from_exiting_and_is_quit(tmp_path):
+    with SmtpSink() as sink:
+        proc = run_deliver_script(tmp_path, sink, "once")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == [OK.encode()]
+        assert wait_for(lambda: commands(sink.sessions[0])[-1:] == ["QUIT"])
+        assert lines(sink.sessions[0]) == ["EHLO LOCALHOST"] + TXN + ["QUIT"]
+
+
+def test_forked_child_never_quits_the_parents_parked_sessions(tmp_path):
+    with SmtpSink() as sink:
+        proc = run_deliver_script(tmp_path, sink, "fork")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == [OK.encode()] * 2
+        assert wait_for(lambda: commands(sink.sessions[0])[-1:] == ["QUIT"])
+        assert sink.connections == 1
+        assert lines(sink.sessions[0]) == ["EHLO LOCALHOST"] + TXN + TXN + ["QUIT"]
+
+
+def test_message_end_does_not_wait_for_a_delayed_ack(tmp_path):
+    # With the final dot as a write of its own (and Nagle on), each message waited ~40 ms for the
+    # server's delayed ACK before the dot left; 20 messages on one cached session take milliseconds.
+    with SmtpSink() as sink:
+        send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        start = time.monotonic()
+        for _ in range(20):
+            assert statuses(send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))) == [OK]
+        elapsed = time.monotonic() - start
+        assert sink.connections == 1
+        assert elapsed < 0.5
