@@ -1,7 +1,9 @@
 """CRLF line channel for an SMTP session over a plain socket or a pyOpenSSL connection.
 
 API:
-  ``Channel(sock, timeout)``: takes over ``sock`` (made non-blocking; every wait is a poll up to a deadline).
+  ``Channel(sock, timeout)``: takes over ``sock``. A plain socket stays blocking with SO_RCVTIMEO/SO_SNDTIMEO
+     bounding each system call (one recv per read, no poll); under TLS, or where those options cannot be
+     set, the socket is non-blocking and every wait is a poll up to a deadline.
   ``readline(limit) -> bytes``: one line with its terminator (CRLF or a bare LF). Command lines: ``COMMAND_LIMIT``.
   ``read_data(sink_write, max_size, bare_newline) -> DataResult``: a DATA body up to ``<CRLF>.<CRLF>``,
      dot-unstuffed, streamed to ``sink_write`` in chunks.
@@ -29,6 +31,7 @@ import math
 import re
 import select
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Union
@@ -50,6 +53,7 @@ _END_AFTER_CRLF = b".\r\n"
 _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 _HEADER_PREFIX = 128  # bytes of each header line kept to classify it
 _HAVE_POLL = hasattr(select, "poll")
+_TIMEO_SLACK = 0.05  # seconds a kernel-side timeout may differ from the time left before it is set again
 
 
 class ChannelError(Exception):
@@ -91,9 +95,21 @@ class Channel:
         self._in = bytearray()
         self._out = bytearray()
         self.closed = False
-        # A socket with a timeout is non-blocking underneath anyway (and pyOpenSSL sees only the fd):
-        # make that explicit and do every wait ourselves with a deadline.
-        sock.setblocking(False)
+        # Each GIL-releasing system call costs thread hand-offs in a busy daemon, so a plain socket is kept
+        # blocking and the kernel bounds every recv/send (SO_RCVTIMEO/SO_SNDTIMEO): one system call per read
+        # instead of recv, EAGAIN, poll, recv. The per-call deadline is kept by shrinking the kernel timeout
+        # to the time left when a call needs a second read. pyOpenSSL (after STARTTLS) sees only the fd:
+        # there the socket is non-blocking and every wait is a poll up to the deadline.
+        self._blocking = False
+        self._timeo = {socket.SO_RCVTIMEO: 0.0, socket.SO_SNDTIMEO: 0.0}
+        try:
+            self._set_timeo(socket.SO_RCVTIMEO, timeout)
+            self._set_timeo(socket.SO_SNDTIMEO, timeout)
+            if sock.gettimeout() is not None:
+                sock.setblocking(True)
+            self._blocking = True
+        except (OSError, struct.error, AttributeError):
+            sock.setblocking(False)
 
     # ----- reading lines
 
@@ -175,6 +191,9 @@ class Channel:
         if self._in:
             log.info("discarding %d octets of plaintext sent after STARTTLS", len(self._in))
         del self._in[:]
+        if self._blocking:
+            self.sock.setblocking(False)
+            self._blocking = False
         conn = SSL.Connection(context, self.sock)
         conn.set_accept_state()
         self._ssl = conn
@@ -209,6 +228,8 @@ class Channel:
     # ----- transport
 
     def _recv(self, deadline: float) -> bytes:
+        if self._blocking:
+            return self._recv_blocking(deadline)
         while True:
             try:
                 data = self._conn.recv(_RECV_SIZE)
@@ -227,6 +248,8 @@ class Channel:
             return data
 
     def _send(self, chunk: memoryview, deadline: float) -> int:
+        if self._blocking:
+            return self._send_blocking(chunk, deadline)
         while True:
             try:
                 return self._conn.send(chunk)
@@ -236,6 +259,46 @@ class Channel:
                 self._wait(False, deadline)
             except (SSL.Error, OSError) as exc:
                 raise ChannelClosed(_describe(exc)) from None
+
+    def _recv_blocking(self, deadline: float) -> bytes:
+        while True:
+            self._arm(socket.SO_RCVTIMEO, deadline)
+            try:
+                data = self.sock.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                continue  # the kernel timeout expired: _arm raises if the deadline has passed
+            except OSError as exc:
+                raise ChannelClosed(_describe(exc)) from None
+            if not data:
+                raise ChannelClosed("connection closed by peer")
+            return data
+
+    def _send_blocking(self, chunk: memoryview, deadline: float) -> int:
+        while True:
+            self._arm(socket.SO_SNDTIMEO, deadline)
+            try:
+                return self.sock.send(chunk)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                raise ChannelClosed(_describe(exc)) from None
+
+    def _arm(self, option: int, deadline: float) -> None:
+        """Make the kernel timeout of ``option`` end near ``deadline``; raise ChannelTimeout once it has passed."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ChannelTimeout("timeout after %gs" % self.timeout)
+        if abs(self._timeo[option] - remaining) > _TIMEO_SLACK:
+            try:
+                self._set_timeo(option, remaining)
+            except OSError as exc:
+                raise ChannelClosed(_describe(exc)) from None
+
+    def _set_timeo(self, option: int, seconds: float) -> None:
+        # struct timeval; a zero timeout would mean "wait forever", so never less than a millisecond
+        usec = max(1000, int(seconds * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("@ll", usec // 1000000, usec % 1000000))
+        self._timeo[option] = usec / 1e6
 
     def _wait(self, for_write: bool, deadline: float) -> None:
         remaining = deadline - time.monotonic()

@@ -4,7 +4,8 @@ API:
   ``Runtime``: what sessions share: the current ``Config`` and ``Router`` (swapped whole on reload), the
      ``Spool``, TLS contexts, the session registry and a ``notify(queue_id)`` hook that wakes the scheduler.
   ``listen_addresses(smtpd) -> List[(family, sockaddr, label)]``: resolves ``listen-port`` values.
-  ``Listener(runtime, ident, family, sockaddr)``: a bound server; ``serve_forever()`` in its own thread.
+  ``Listener(runtime, ident, family, sockaddr)``: a bound server; ``serve_forever()`` in its own thread;
+     ``idle_threads``: finished session threads kept for the next connection (ended by ``server_close``).
   ``Session``: one SMTP conversation; per verb a check step (raises ``SmtpError``) and a proceed step.
 Invariants:
   - Replies are turned into bytes in one place, ``Session._send``; handlers raise ``SmtpError`` or return a
@@ -15,7 +16,8 @@ Invariants:
     DATA body is always read to its final dot, whatever fails while storing it, so no body line is ever
     taken for a command. A session that ends mid-DATA leaves nothing in the spool.
   - A session never takes the daemon down: any exception is logged and answered with 421.
-Threading: one thread per session; sessions share only ``Runtime``, whose config snapshot is read-only.
+Threading: one thread per session at a time (finished session threads wait in a small per-listener pool
+  for the next connection); sessions share only ``Runtime``, whose config snapshot is read-only.
 Errors: ``listen_addresses`` and ``Listener`` raise ``PmasterError`` with one line naming the section and the
   address (unknown service, unresolvable host, port in use); the CLI prints it and exits non-zero.
 """
@@ -182,6 +184,9 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.runtime = runtime
         self.ident = ident
         self.label = label or str(sockaddr)
+        self._pool_lock = threading.Lock()
+        self._idle: List[_Worker] = []
+        self._pool_closed = False
         socketserver.TCPServer.__init__(self, sockaddr, _Handler, bind_and_activate=False)
         try:
             if family == socket.AF_INET6:
@@ -195,6 +200,80 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def handle_error(self, request, client_address) -> None:
         log.exception("[smtpd %s] unhandled error for client %s", self.ident, client_address)
+
+    # -- session threads: reused instead of one new thread per connection (thread creation costs a
+    # dozen system calls and several GIL hand-offs per message). Every connection still gets a thread
+    # at once (the registry answers 421 beyond the limits); only up to max_idle_threads wait for the next.
+
+    max_idle_threads = 64
+
+    def process_request(self, request, client_address) -> None:
+        with self._pool_lock:
+            worker = self._idle.pop() if self._idle else None
+        if worker is not None:
+            worker.give((request, client_address))
+            return
+        worker = _Worker(self, (request, client_address))
+        t = threading.Thread(target=worker.run, name="smtpd:%s" % self.ident, daemon=True)
+        t.start()
+
+    @property
+    def idle_threads(self) -> int:
+        """Session threads waiting for the next connection."""
+        with self._pool_lock:
+            return len(self._idle)
+
+    def shutdown_request(self, request) -> None:
+        if request.fileno() < 0:
+            return  # the session closed it already: shutdown() would only fail with EBADF
+        socketserver.TCPServer.shutdown_request(self, request)
+
+    def server_close(self) -> None:
+        socketserver.TCPServer.server_close(self)
+        with self._pool_lock:
+            self._pool_closed = True
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.give(None)
+
+    def _park(self, worker: "_Worker") -> bool:
+        """A worker finished its session: keep it for the next connection unless the pool is full or closed."""
+        with self._pool_lock:
+            if self._pool_closed or len(self._idle) >= self.max_idle_threads:
+                return False
+            self._idle.append(worker)
+            return True
+
+
+class _Worker:
+    """One reusable session thread: runs a connection, then waits (on a lock of its own) for the next."""
+
+    def __init__(self, server: Listener, job: Optional[tuple]):
+        self._server = server
+        self._job = job
+        self._ready = threading.Lock()
+        self._ready.acquire()  # released by give()
+
+    def give(self, job: Optional[tuple]) -> None:
+        """Hand over (request, client_address), or None to make the thread end."""
+        self._job = job
+        self._ready.release()
+
+    def run(self) -> None:
+        server = self._server
+        while self._job is not None:
+            request, client_address = self._job
+            self._job = None
+            try:
+                server.finish_request(request, client_address)
+            except Exception:
+                server.handle_error(request, client_address)
+            finally:
+                server.shutdown_request(request)
+            request = client_address = None  # a parked thread keeps nothing of its last connection
+            if not server._park(self):
+                return
+            self._ready.acquire()
 
 
 class _Handler(socketserver.BaseRequestHandler):

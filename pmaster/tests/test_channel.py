@@ -189,6 +189,20 @@ def test_slow_drip_line_is_bounded_by_one_timeout():
     client.close()
 
 
+def test_each_readline_gets_a_whole_timeout_after_a_slow_line():
+    server, client = socket.socketpair()
+    ch = Channel(server, timeout=0.6)
+    peer = Peer(send_in_pieces, client, [b"", b"x", b"y\r\n"], 0.2)  # the second read has less time left
+    assert ch.readline() == b"xy\r\n"
+    peer.join()
+    start = time.monotonic()
+    with pytest.raises(ChannelTimeout):
+        ch.readline()
+    assert 0.5 < time.monotonic() - start < 3
+    ch.close()
+    client.close()
+
+
 def test_readline_raises_closed_on_eof(pair):
     ch, client = pair
     client.sendall(b"QUIT\r\nhalf a li")

@@ -577,6 +577,27 @@ def test_concurrent_sessions_each_get_their_message(server):
     assert len(server.queue_ids()) == 10
 
 
+def test_session_threads_are_reused_for_later_connections(server):
+    for i in range(5):
+        with server.client() as c:
+            assert code(c.cmd("QUIT")) == "221 2.0.0"
+        assert wait_for(lambda: server.server.idle_threads == 1), "no thread waiting after session %d" % i
+        if i == 0:
+            threads = threading.active_count()
+    assert threading.active_count() <= threads
+
+
+def test_idle_session_threads_end_when_the_listener_closes(server):
+    with server.client() as c:
+        assert code(c.cmd("QUIT")) == "221 2.0.0"
+    assert wait_for(lambda: server.server.idle_threads == 1)
+    threads = threading.active_count()
+    server.server.shutdown()
+    server.server.server_close()
+    assert server.server.idle_threads == 0
+    assert wait_for(lambda: threading.active_count() < threads)
+
+
 # ----- local submission (local-rcpt-to listeners)
 
 
