@@ -105,7 +105,9 @@ class Envelope:
         data = dict(self.__dict__)
         data["recipients"] = [dict(r.__dict__) for r in self.recipients]
         data["extra"] = dict(self.extra)
-        return json.dumps(data, indent=1, sort_keys=True)
+        # One line, no indent: json's C encoder only runs without indent, and saves are frequent.
+        # `pmaster queue show` prints it readably.
+        return json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> "Envelope":
