@@ -795,24 +795,17 @@ class _Session:
                 self.authenticate(tls)
         except _Lost as exc:
             raise self.lost(exc, "before MAIL") from None
-        too_big = self.check_size()
-        if too_big is not None:
-            self.clean = True
-            self.finish()
-            return [too_big] * len(self.rcpts)
-        try:
-            self.mail()
-        except _Lost as exc:
-            raise self.lost(exc, "in reply to MAIL FROM") from None
-        results = self.transaction()
-        self.finish()
-        return results
+        return self.deliver(lambda exc: self.lost(exc, "in reply to MAIL FROM"))
 
     def reuse(self) -> List[Result]:
         """The dialogue on a cached session: straight to MAIL; a dead session raises ``_Stale``."""
         self.tls = isinstance(self.client.sock, ssl.SSLSocket)
         log.debug("%s: reusing the session with %s (transaction %d)", self.job.qid, self.target,
                   self.conn.uses + 1)
+        return self.deliver(lambda exc: _Stale(str(exc)))
+
+    def deliver(self, on_lost_mail: Callable[[_Lost], Exception]) -> List[Result]:
+        """From MAIL on, on a fresh or a reused session; ``on_lost_mail`` says what a dead MAIL means."""
         too_big = self.check_size()
         if too_big is not None:
             self.clean = True
@@ -821,7 +814,7 @@ class _Session:
         try:
             self.mail()
         except _Lost as exc:
-            raise _Stale(str(exc)) from None
+            raise on_lost_mail(exc) from None
         results = self.transaction()
         self.finish()
         return results

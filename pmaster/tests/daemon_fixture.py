@@ -223,7 +223,38 @@ class RawClient:
         self.close()
 
 
-class DaemonProcess:
+class _SpoolView:
+    """What tests read of a server's spool and how they connect; needs ``spool_dir``, ``host``, ``port``."""
+
+    spool_dir: str
+    host: str
+    port: int
+
+    def queue_ids(self) -> List[str]:
+        return spool_queue_ids(self.spool_dir)
+
+    def envelope(self, qid: str) -> dict:
+        with open(os.path.join(self.spool_dir, "queue", qid + ".env")) as f:
+            return json.load(f)
+
+    def body(self, qid: str) -> bytes:
+        with open(os.path.join(self.spool_dir, "queue", qid + ".msg"), "rb") as f:
+            return f.read()
+
+    def spool_files(self, sub: str) -> List[str]:
+        try:
+            return sorted(os.listdir(os.path.join(self.spool_dir, sub)))
+        except FileNotFoundError:
+            return []
+
+    def smtp(self, timeout: float = 10.0) -> smtplib.SMTP:
+        return smtplib.SMTP(self.host, self.port, timeout=timeout)
+
+    def client(self, **kwargs) -> RawClient:
+        return RawClient(self.host, self.port, **kwargs)
+
+
+class DaemonProcess(_SpoolView):
     """A ``pmaster run`` subprocess on a temporary configuration."""
 
     def __init__(self, tmp_path, config_text: str = DEFAULT_CONFIG, extra_ports: int = 0,
@@ -334,28 +365,8 @@ class DaemonProcess:
                     return int(line.split()[1])
         raise RuntimeError("no VmRSS")
 
-    def queue_ids(self) -> List[str]:
-        return spool_queue_ids(self.spool_dir)
 
-    def envelope(self, qid: str) -> dict:
-        with open(os.path.join(self.spool_dir, "queue", qid + ".env")) as f:
-            return json.load(f)
 
-    def body(self, qid: str) -> bytes:
-        with open(os.path.join(self.spool_dir, "queue", qid + ".msg"), "rb") as f:
-            return f.read()
-
-    def spool_files(self, sub: str) -> List[str]:
-        try:
-            return sorted(os.listdir(os.path.join(self.spool_dir, sub)))
-        except FileNotFoundError:
-            return []
-
-    def smtp(self, timeout: float = 10.0) -> smtplib.SMTP:
-        return smtplib.SMTP(self.host, self.port, timeout=timeout)
-
-    def client(self, **kwargs) -> RawClient:
-        return RawClient(self.host, self.port, **kwargs)
 
 
 def spool_queue_ids(spool_dir: str) -> List[str]:
@@ -394,7 +405,7 @@ def pmaster_daemon(tmp_path):
     factory.stop_all()
 
 
-class InProcessSmtpd:
+class InProcessSmtpd(_SpoolView):
     """The first listener of a configuration, served in this process (no scheduler)."""
 
     def __init__(self, tmp_path, config_text: str = DEFAULT_CONFIG, values: Optional[Dict[str, object]] = None):
@@ -427,26 +438,3 @@ class InProcessSmtpd:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
-
-    def client(self, **kwargs) -> RawClient:
-        return RawClient(self.host, self.port, **kwargs)
-
-    def smtp(self, timeout: float = 10.0) -> smtplib.SMTP:
-        return smtplib.SMTP(self.host, self.port, timeout=timeout)
-
-    def queue_ids(self) -> List[str]:
-        return spool_queue_ids(self.spool_dir)
-
-    def envelope(self, qid: str) -> dict:
-        with open(os.path.join(self.spool_dir, "queue", qid + ".env")) as f:
-            return json.load(f)
-
-    def body(self, qid: str) -> bytes:
-        with open(os.path.join(self.spool_dir, "queue", qid + ".msg"), "rb") as f:
-            return f.read()
-
-    def spool_files(self, sub: str) -> List[str]:
-        try:
-            return sorted(os.listdir(os.path.join(self.spool_dir, sub)))
-        except FileNotFoundError:
-            return []
