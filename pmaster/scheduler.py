@@ -78,6 +78,7 @@ WAITING_RECHECK = 10.0  # a message waiting for a full destination is looked at 
 RECORD_LOCK_WAIT = 60.0  # longest wait for a message lock to record results (then kept, saved later)
 SAVE_RETRY_MAX = 60  # longest wait (seconds of ``now``) between tries to save results kept in memory
 DRAIN_PER_ROUND = 10000  # waiting messages planned per round at most (the rest in the next round)
+COALESCE = 0.005  # after a wake-up, wait this long for more notifications before planning
 MAX_CACHED = 2000  # envelopes kept for messages waiting for a full destination (not read again when it frees)
 
 Stamp = Tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size) of an envelope: a save renames a new file in
@@ -314,7 +315,10 @@ class Scheduler:
                 with self._lock:
                     self._rescan = True  # the round may have dropped notifications: look at everything
                 timeout = SCAN_INTERVAL
-            self._wake.wait(timeout)
+            if self._wake.wait(timeout):
+                # Woken by a notify or a job's end: let more of them arrive so one round plans them all
+                # (each round and each wake-up costs GIL hand-offs under load).
+                time.sleep(COALESCE)
             self._wake.clear()
 
     def _plan_once(self) -> float:
@@ -562,7 +566,11 @@ class Scheduler:
                 self._gone.add(qid)
             else:
                 self._dirty.add(qid)
-        self._wake.set()
+            # A message gone only needs forgetting, which the next round does anyway: wake planning for it
+            # only when others wait for the room this job leaves.
+            wake = what != GONE or job.destination in self._waiting
+        if wake:
+            self._wake.set()
 
     def _job_envelope(self, job: Job) -> Optional[Envelope]:
         """The envelope planning read, unless the record has changed since (then read it again)."""
@@ -627,7 +635,7 @@ class Scheduler:
             return self._keep(env, self._apply_results(env, job, results, config, now, elapsed), config, now, exc)
         with lock:
             try:
-                env = self.spool.load(qid)
+                env = self._locked_envelope(job)
             except SpoolError:
                 log.info("%s: removed during delivery", qid)
                 return _RELEASED if self.spool.exists(qid) else _GONE
@@ -643,6 +651,22 @@ class Scheduler:
                 return _GONE if self._remove(qid) else _RELEASED
             self._hand_back(env)
         return _RELEASED
+
+    def _locked_envelope(self, job: Job) -> Envelope:
+        """A fresh copy of the record (hold its lock): a copy of the one planned when the file is unchanged."""
+        planned = job.envelope
+        if planned is not None and job.stamp is not None:
+            try:
+                unchanged = _env_stamp(self.spool, job.queue_id) == job.stamp
+            except OSError:
+                unchanged = False
+            if unchanged:
+                # One stat instead of reading and parsing the record; other jobs share ``planned``: copy
+                # what results change (the recipients), never modify it.
+                env = copy.copy(planned)
+                env.recipients = [copy.copy(r) for r in planned.recipients]
+                return env
+        return self.spool.load(job.queue_id)
 
     def _apply_results(self, env: Envelope, job: Job, results: List[Result], config: Config, now: float,
                        elapsed: float) -> List[int]:
