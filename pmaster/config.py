@@ -266,20 +266,21 @@ _DURATION = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE = {"": 1, "k": 1024, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
 
 
-def _duration(ctx, values) -> int:
-    v = _one(ctx, values)
-    m = re.fullmatch(r"(\d+)([smhd]?)", v.text)
-    if not m:
-        ctx.fail(v, "expected a duration such as 300, 5m, 4h or 5d, got %r" % v.text)
-    return int(m.group(1)) * _DURATION[m.group(2)]
+def _scaled(units: Dict[str, int], what: str) -> Callable:
+    """A number with an optional unit suffix (durations: s m h d; sizes: k M G as powers of 1024)."""
+    pattern = re.compile(r"(\d+)([%s]?)" % "".join(u for u in units if u))
+
+    def conv(ctx, values) -> int:
+        v = _one(ctx, values)
+        m = pattern.fullmatch(v.text)
+        if not m:
+            ctx.fail(v, "expected %s, got %r" % (what, v.text))
+        return int(m.group(1)) * units[m.group(2)]
+    return conv
 
 
-def _size(ctx, values) -> int:
-    v = _one(ctx, values)
-    m = re.fullmatch(r"(\d+)([kKMG]?)", v.text)
-    if not m:
-        ctx.fail(v, "expected a size such as 10M, 512k or 1G, got %r" % v.text)
-    return int(m.group(1)) * _SIZE[m.group(2)]
+_duration = _scaled(_DURATION, "a duration such as 300, 5m, 4h or 5d")
+_size = _scaled(_SIZE, "a size such as 10M, 512k or 1G")
 
 
 _BOOL = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
