@@ -23,6 +23,7 @@ import re
 import secrets
 
 from pmaster.envelope import Envelope, Recipient
+from pmaster.spool import open_body_file
 
 log = logging.getLogger("pmaster.bounce")
 
@@ -74,7 +75,7 @@ def _diagnostic(reply: str) -> str:
 def _original_headers(body_path: str) -> bytes | None:
     """The header block of the queued message (up to the first empty line), at most HEADERS_LIMIT bytes."""
     try:
-        with open(body_path, "rb") as f:
+        with open_body_file(body_path) as f:
             data = f.read(HEADERS_LIMIT)
     except OSError as exc:
         log.warning("cannot read %s for a bounce: %s", body_path, exc.strerror or exc)

@@ -71,7 +71,7 @@ def as_json(env: Envelope, now: float) -> Dict[str, object]:
 def become_spool_owner(directory: str) -> None:
     """As root, become the owner of an existing spool that is not root's (uid, and the directory's group).
 
-    Every file the CLI writes (envelopes, temp files, locks, the trigger) must be readable by the daemon
+    Every file the CLI writes (records, envelopes, temp files, the trigger) must be readable by the daemon
     after it dropped to ``user-id``; Postfix's postqueue/postsuper likewise act as the mail system owner.
     """
     if os.geteuid() != 0:

@@ -81,7 +81,7 @@ DRAIN_PER_ROUND = 10000  # waiting messages planned per round at most (the rest 
 COALESCE = 0.005  # after a wake-up, wait this long for more notifications before planning
 MAX_CACHED = 2000  # envelopes kept for messages waiting for a full destination (not read again when it frees)
 
-Stamp = Tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size) of an envelope: a save renames a new file in
+Stamp = Tuple[int, int, int, int]  # ``Spool.stamp``: which envelope version (a save renames a new file in)
 
 # What a job left behind, for ``_job_done``: (what, indexes whose results are kept in memory).
 RELEASED = "released"  # recorded (or nothing to record): its recipients may be planned again
@@ -209,8 +209,7 @@ class _Unsaved:
 
 def _env_stamp(spool: Spool, qid: str) -> Stamp:
     """Identity of the envelope file: a changed record (a delivery, ``pmaster queue``) is read again."""
-    st = os.stat(spool.env_path(qid))
-    return st.st_ino, st.st_mtime_ns, st.st_size
+    return spool.stamp(qid)
 
 
 MailerFn = Callable[[Delivery, str, str], List[Result]]

@@ -1,38 +1,47 @@
-"""Durable spool: one record per message, the only module that knows spool paths.
+"""Durable spool: one record per message, the only module that knows spool paths and the record format.
 
 API:
   ``new_queue_id() -> str``: a fresh id: 13 hex digits of microseconds since the epoch, then 5 random
     characters; ``[0-9A-Z]`` only, so it is safe as a file name and sorts by arrival.
-  ``Spool(directory)``: creates ``tmp/ queue/ corrupt/ locks/`` (mode 0o700) and a ``VERSION`` marker.
+  ``Spool(directory)``: creates ``tmp/ queue/ corrupt/`` (mode 0o700) and a ``VERSION`` marker.
     ``writer()`` starts a message (``SpoolWriter``: ``write``, ``commit``, ``abort``; a context manager);
-    ``ids()``, ``load(qid)``, ``save(env)``, ``body_path(qid)``, ``open_body(qid)``, ``body_size(qid)``,
-    ``exists(qid)``, ``remove(qid)``, ``lock(qid, timeout=None)``, ``try_lock(qid)``, ``recover()``,
-    ``corrupt_ids()``, ``free_space()``, ``env_path(qid)``; ``trigger_path()`` and ``touch_trigger()``
-    (``pmaster queue`` tells a running daemon that it changed the spool).
-Layout: ``tmp/`` holds files being written; ``queue/ID.msg`` is the body, written once and never rewritten;
-  ``queue/ID.env`` is the JSON envelope (``Envelope.to_json``), replaced atomically by ``save``;
-  ``corrupt/`` holds records that could not be read; ``locks/ID.lock`` are per-message flock files;
-  ``trigger`` is an empty file whose modification time changes whenever something outside the daemon
-  changed the queue (the scheduler polls it: Postfix's trigger to qmgr, as a time stamp).
-Invariants: a message is committed when ``queue/ID.env`` exists. ``commit`` renames the body first and the
-  envelope second, and ``remove`` unlinks the envelope first, so a crash never leaves an envelope without
-  its body. Every write is temp file, fsync, rename, fsync of ``queue/`` (SPEC 4: ``250`` after DATA only
-  once ``commit`` has returned). Concurrent commits share the ``queue/`` fsync (group commit): each caller
-  waits for one directory fsync that started after its rename; durability is never traded for speed.
+    ``ids()``, ``load(qid)``, ``save(env)``, ``stamp(qid)``, ``body_path(qid)``, ``open_body(qid)``,
+    ``body_size(qid)``, ``exists(qid)``, ``remove(qid)``, ``lock(qid, timeout=None)``, ``try_lock(qid)``,
+    ``recover()``, ``corrupt_ids()``, ``free_space()``, ``env_path(qid)``; ``trigger_path()`` and
+    ``touch_trigger()`` (``pmaster queue`` tells a running daemon that it changed the spool).
+  ``open_body_file(path)``, ``body_file_size(path)``: the body of the record at ``body_path(qid)`` (what
+    mailers read); ``record_trailer(body_size, env)``: the bytes that follow a body in its record.
+Layout: ``tmp/`` holds files being written. ``queue/ID.msg`` is the record: the body as received, then the
+  envelope of the commit (one JSON line, ``Envelope.to_json``), then a fixed-length footer line
+  ``#pmaster-record body=N envelope=M`` giving both lengths. It is written once and never rewritten, so a
+  message costs one file (one inode, one fsync), as a Postfix queue file does. ``queue/ID.env`` appears
+  when the envelope changes after the commit (delivery attempts, ``pmaster queue``): a JSON envelope
+  replaced atomically by ``save`` that takes precedence over the trailer. ``corrupt/`` holds records that
+  could not be read; ``trigger`` is an empty file whose modification time changes whenever something
+  outside the daemon changed the queue (the scheduler polls it: Postfix's trigger to qmgr, as a time stamp).
+Invariants: a message is committed when ``queue/ID.msg`` exists; it is renamed there complete and fsynced.
+  ``remove`` unlinks the record first and ``ID.env`` second: an ``ID.env`` without its record is what an
+  interrupted removal leaves, and counts as removed (``recover`` deletes it). Every write is temp file,
+  fsync, rename, fsync of ``queue/`` (SPEC 4: ``250`` after DATA only once ``commit`` has returned).
+  Concurrent commits share the ``queue/`` fsync (group commit): each caller waits for one directory fsync
+  that started after its rename; durability is never traded for speed.
 Threading: ``Spool`` is safe to share between threads and processes. ``save``, ``remove`` and every
-  read-modify-write of an envelope must run under ``lock(qid)`` (an exclusive ``flock`` on its own fd, so
-  it excludes other threads and other processes such as the ``pmaster queue`` CLI); locks do not nest.
-  ``recover`` runs at daemon start only, while no other process writes into the spool.
+  read-modify-write of an envelope must run under ``lock(qid)``: an exclusive ``flock`` on the record
+  itself, through an fd of its own, so it excludes other threads as well as other processes such as the
+  ``pmaster queue`` CLI; locks do not nest. ``recover`` runs at daemon start only, while no other process
+  writes into the spool.
 Errors: ``SpoolError`` for storage failures and unreadable records (which move to ``corrupt/``),
   ``QueueIdError`` (a ``SpoolError``) for an unknown or malformed queue id. A writer that fails removes
-  everything it wrote before raising. Daemons should ignore ``SIGXFSZ`` so a file size limit gives
-  ``EFBIG`` (a ``SpoolError``) instead of killing the process.
+  everything it wrote before raising. ``open_body_file`` raises ``OSError`` (``EIO`` for a file that is no
+  record). Daemons should ignore ``SIGXFSZ`` so a file size limit gives ``EFBIG`` (a ``SpoolError``)
+  instead of killing the process.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import logging
 import os
 import random
@@ -48,17 +57,19 @@ from pmaster.errors import QueueIdError, SpoolError
 
 log = logging.getLogger("pmaster.spool")
 
-SPOOL_FORMAT = 1
+SPOOL_FORMAT = 2  # 1: separate ID.env written at commit, lock files in locks/
 VERSION_FILE = "VERSION"
-TMP, QUEUE, CORRUPT, LOCKS = "tmp", "queue", "corrupt", "locks"
+TMP, QUEUE, CORRUPT = "tmp", "queue", "corrupt"
 TRIGGER_FILE = "trigger"
-BODY_SUFFIX, ENV_SUFFIX, LOCK_SUFFIX = ".msg", ".env", ".lock"
+BODY_SUFFIX, ENV_SUFFIX = ".msg", ".env"
+_FOOTER = b"#pmaster-record body=%016d envelope=%010d\n"
+_FOOTER_LEN = len(_FOOTER % (0, 0))
+_FOOTER_RE = re.compile(rb"#pmaster-record body=([0-9]{16}) envelope=([0-9]{10})\n")
 
 _ID_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _ID_RANDOM = 5
 _ID_RE = re.compile(r"[0-9A-Z]{13,64}")
 _ALLOCATE_TRIES = 100
-_LOCK_TRIES = 100
 _LOCK_POLL = 0.02
 _WRITE_BUFFER = 64 * 1024
 
@@ -135,6 +146,94 @@ def _unlink_quietly(path: str) -> None:
         log.warning("cannot remove %s: %s", path, exc)
 
 
+def record_trailer(body_size: int, env: Envelope) -> bytes:
+    """What follows ``body_size`` octets of body in a record: the envelope line and the footer."""
+    line = env.to_json().encode("utf-8")  # one line, ending in LF
+    return line + _FOOTER % (body_size, len(line))
+
+
+def _read_footer(fd: int) -> tuple[int, int]:
+    """(body size, envelope length) of the record open at ``fd``; ``ValueError`` when it is no record."""
+    size = os.fstat(fd).st_size
+    if size < _FOOTER_LEN:
+        raise ValueError("no record trailer (file of %d octets)" % size)
+    match = _FOOTER_RE.fullmatch(os.pread(fd, _FOOTER_LEN, size - _FOOTER_LEN))
+    if match is None:
+        raise ValueError("no record trailer")
+    body, env_len = int(match.group(1)), int(match.group(2))
+    if body + env_len + _FOOTER_LEN != size:
+        raise ValueError("record trailer does not match the file size")
+    return body, env_len
+
+
+def _read_trailer_envelope(path: str) -> bytes:
+    """The envelope line stored in the record at ``path`` (``ValueError`` when there is none)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        body, env_len = _read_footer(fd)
+        raw = os.pread(fd, env_len, body)
+    finally:
+        os.close(fd)
+    if len(raw) != env_len:
+        raise ValueError("record shorter than its trailer says")
+    return raw
+
+
+class _BodyRaw(io.RawIOBase):
+    """Raw reads of the first ``size`` octets of a record: the body without the trailer."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        n = min(len(buffer), self._left)
+        if n <= 0:
+            return 0
+        got = os.readv(self._fd, [memoryview(buffer)[:n]])
+        self._left -= got
+        return got
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.close(self._fd)
+            finally:
+                super().close()
+
+
+def open_body_file(path: str) -> BinaryIO:
+    """A buffered reader of the body stored in the record at ``path`` (it ends where the body ends)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size, _ = _read_footer(fd)
+    except ValueError as exc:
+        os.close(fd)
+        raise OSError(errno.EIO, f"not a spool record: {exc}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return io.BufferedReader(_BodyRaw(fd, size), 1 << 16)  # type: ignore[return-value]
+
+
+def body_file_size(path: str) -> int:
+    """Octets of body in the record at ``path``; ``OSError`` as ``open_body_file``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _read_footer(fd)[0]
+    except ValueError as exc:
+        raise OSError(errno.EIO, f"not a spool record: {exc}") from None
+    finally:
+        os.close(fd)
+
+
 class GroupSync:
     """Shares one expensive ``sync_fn`` call (a directory fsync) between concurrent callers.
 
@@ -199,17 +298,20 @@ class GroupSync:
 
 
 class SpoolLock:
-    """An exclusive ``flock`` on ``locks/ID.lock``; use ``with spool.lock(qid):``.
+    """An exclusive ``flock`` on the record ``queue/ID.msg``; use ``with spool.lock(qid):``.
 
-    Each lock opens its own fd, so it excludes other threads as well as other processes. When the message
-    is gone at release, the lock file is unlinked while still held; a waiter that then gets the lock on the
-    unlinked inode notices (the path names another inode or none) and starts over.
+    Each lock opens its own fd, so it excludes other threads as well as other processes. ``remove`` unlinks
+    the record while holding the lock; a waiter that then gets the lock on the unlinked inode notices (the
+    path names no file) and holds the lock of a message that is gone. Locking a message that does not exist
+    succeeds at once (queue ids are never reused, so there is nothing to exclude): what the caller does
+    next under the lock (``load``, ``save``, ``remove``) then answers ``QueueIdError``.
     """
+
+    _GONE = -1  # ``_fd`` of a lock held on a message that does not exist
 
     def __init__(self, spool: "Spool", qid: str) -> None:
         self.queue_id = qid
-        self._spool = spool
-        self._path = spool._path(LOCKS, qid, LOCK_SUFFIX)
+        self._path = spool._path(QUEUE, qid, BODY_SUFFIX)
         self._fd: int | None = None
 
     @property
@@ -230,24 +332,27 @@ class SpoolLock:
 
     def _acquire_once(self, blocking: bool) -> bool:
         flags = fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
-        for _ in range(_LOCK_TRIES):
-            try:
-                fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except OSError as exc:
-                raise SpoolError(f"{self.queue_id}: cannot open lock file: {exc}") from exc
-            try:
-                fcntl.flock(fd, flags)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            except OSError as exc:
-                os.close(fd)
-                raise SpoolError(f"{self.queue_id}: cannot lock: {exc}") from exc
-            if self._same_file(fd):
-                self._fd = fd
-                return True
-            os.close(fd)  # the previous holder unlinked it: lock the current file instead
-        raise SpoolError(f"{self.queue_id}: cannot lock: lock file keeps changing")
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._fd = self._GONE
+            return True
+        except OSError as exc:
+            raise SpoolError(f"{self.queue_id}: cannot open for locking: {exc}") from exc
+        try:
+            fcntl.flock(fd, flags)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError as exc:
+            os.close(fd)
+            raise SpoolError(f"{self.queue_id}: cannot lock: {exc}") from exc
+        if self._same_file(fd):
+            self._fd = fd
+        else:
+            os.close(fd)  # removed (or quarantined) while we waited: the message is gone
+            self._fd = self._GONE
+        return True
 
     def _same_file(self, fd: int) -> bool:
         try:
@@ -259,12 +364,7 @@ class SpoolLock:
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            if not self._spool._record_exists(self.queue_id):
-                _unlink_quietly(self._path)
-        finally:
+        if fd is not None and fd != self._GONE:
             os.close(fd)  # closing the only fd of this open file description drops the flock
 
     def __enter__(self):  # returns self
@@ -293,7 +393,7 @@ class Spool:
     def _create_directories(self) -> None:
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            for sub in (TMP, QUEUE, CORRUPT, LOCKS):
+            for sub in (TMP, QUEUE, CORRUPT):
                 os.makedirs(os.path.join(self.directory, sub), mode=0o700, exist_ok=True)
         except OSError as exc:
             raise SpoolError(f"spool directory {self.directory}: {exc.strerror or exc}") from exc
@@ -362,16 +462,13 @@ class Spool:
             _unlink_quietly(tmp)
             raise
 
-    def _record_exists(self, qid: str) -> bool:
-        return any(os.path.exists(self._path(QUEUE, qid, s)) for s in (ENV_SUFFIX, BODY_SUFFIX))
-
     # -- writing --------------------------------------------------------------------------------------
 
     def writer(self) -> "SpoolWriter":
         return SpoolWriter(self)
 
     def save(self, env: Envelope) -> None:
-        """Replace the envelope of a queued message; the body is not touched. Hold ``lock(qid)``."""
+        """Replace the envelope of a queued message; the record is not touched. Hold ``lock(qid)``."""
         qid = env.queue_id
         if not os.path.exists(self._path(QUEUE, qid, BODY_SUFFIX)):
             raise QueueIdError(f"{qid}: no such message")
@@ -382,19 +479,16 @@ class Spool:
             raise SpoolError(f"{qid}: cannot save envelope: {exc}") from exc
 
     def remove(self, qid: str) -> None:
-        """Delete a message: the envelope first, so a crash never leaves an envelope without its body."""
-        env_path = self._path(QUEUE, qid, ENV_SUFFIX)
+        """Delete a message: the record first (then it is gone), the saved envelope second."""
         body_path = self._path(QUEUE, qid, BODY_SUFFIX)
-        removed = False
+        env_path = self._path(QUEUE, qid, ENV_SUFFIX)
         try:
-            for path in (env_path, body_path):
-                try:
-                    os.unlink(path)
-                    removed = True
-                except FileNotFoundError:
-                    pass
-            if not removed:
-                raise QueueIdError(f"{qid}: no such message")
+            try:
+                os.unlink(body_path)
+            except FileNotFoundError:
+                _unlink_quietly(env_path)  # what an interrupted removal may have left
+                raise QueueIdError(f"{qid}: no such message") from None
+            _unlink_quietly(env_path)
             # Durable removal: otherwise a crash could bring a delivered message back.
             self._sync_queue_dir()
         except QueueIdError:
@@ -405,56 +499,82 @@ class Spool:
     # -- reading --------------------------------------------------------------------------------------
 
     def ids(self) -> list[str]:
-        """Committed queue ids (those with an envelope), in arrival order."""
+        """Committed queue ids (those with a record), in arrival order."""
         try:
             names = os.listdir(self._queue_dir)
         except OSError as exc:
             raise SpoolError(f"cannot list {self._queue_dir}: {exc}") from exc
-        return sorted(n[:-len(ENV_SUFFIX)] for n in names
-                      if n.endswith(ENV_SUFFIX) and valid_queue_id(n[:-len(ENV_SUFFIX)]))
+        return sorted(n[:-len(BODY_SUFFIX)] for n in names
+                      if n.endswith(BODY_SUFFIX) and valid_queue_id(n[:-len(BODY_SUFFIX)]))
 
     def exists(self, qid: str) -> bool:
-        return valid_queue_id(qid) and os.path.exists(self._path(QUEUE, qid, ENV_SUFFIX))
+        return valid_queue_id(qid) and os.path.exists(self._path(QUEUE, qid, BODY_SUFFIX))
 
     def load(self, qid: str) -> Envelope:
-        """Read an envelope; an unreadable record, or one without its body, moves to ``corrupt/``."""
+        """Read an envelope (the saved one, else the record's); an unreadable record moves to ``corrupt/``."""
         env_path = self._path(QUEUE, qid, ENV_SUFFIX)
+        body_path = self._path(QUEUE, qid, BODY_SUFFIX)
         try:
             raw = _read_file(env_path)
+            saved = True
         except FileNotFoundError:
-            raise QueueIdError(f"{qid}: no such message") from None
+            raw = None
+            saved = False
         except OSError as exc:
             raise SpoolError(f"{qid}: cannot read envelope: {exc}") from exc
-        env, problem = self._check_record(qid, raw)
-        if env is not None:
-            return env
-        if not os.path.exists(env_path):
+        if saved and not os.path.exists(body_path):
+            raise QueueIdError(f"{qid}: no such message")  # removed (a removal leaves ID.env last)
+        problem = ""
+        if raw is None:
+            try:
+                raw = _read_trailer_envelope(body_path)
+            except FileNotFoundError:
+                raise QueueIdError(f"{qid}: no such message") from None
+            except ValueError as exc:
+                problem = f"unreadable record ({exc})"
+            except OSError as exc:
+                raise SpoolError(f"{qid}: cannot read record: {exc}") from exc
+        if not problem:
+            env, problem = self._check_envelope(qid, raw)
+            if env is not None:
+                return env
+        if not os.path.exists(body_path):
             raise QueueIdError(f"{qid}: no such message")  # removed while we looked
         self._quarantine(qid, problem)
         raise SpoolError(f"{qid}: {problem}; moved to {CORRUPT}/")
 
-    def _check_record(self, qid: str, raw: bytes) -> tuple[Envelope | None, str]:
-        """(envelope, "") for a sound record, else (None, what is wrong with it)."""
+    @staticmethod
+    def _check_envelope(qid: str, raw: bytes) -> tuple[Envelope | None, str]:
+        """(envelope, "") for a sound envelope of ``qid``, else (None, what is wrong with it)."""
         try:
             env = Envelope.from_json(raw.decode("utf-8"))
         except ValueError as exc:  # includes JSON and UTF-8 decoding errors
             return None, f"unreadable envelope ({exc})"
         if env.queue_id != qid:
             return None, f"envelope names queue id {env.queue_id!r}"
-        if not os.path.exists(self._path(QUEUE, qid, BODY_SUFFIX)):
-            return None, "envelope without body"
         return env, ""
 
+    def stamp(self, qid: str) -> tuple[int, int, int, int]:
+        """Identity of the current envelope version (a save renames a new ``ID.env`` in); ``OSError`` if gone."""
+        try:
+            st = os.stat(self._path(QUEUE, qid, ENV_SUFFIX))
+            saved = 1
+        except FileNotFoundError:
+            st = os.stat(self._path(QUEUE, qid, BODY_SUFFIX))
+            saved = 0
+        return saved, st.st_ino, st.st_mtime_ns, st.st_size
+
     def body_path(self, qid: str) -> str:
+        """``queue/ID.msg``: read its body with ``open_body_file`` (the record holds more than the body)."""
         return self._path(QUEUE, qid, BODY_SUFFIX)
 
     def env_path(self, qid: str) -> str:
-        """``queue/ID.env``: a save renames a new file in, so its stat identifies one version of the record."""
+        """``queue/ID.env``: the saved envelope, present once the envelope changed after the commit."""
         return self._path(QUEUE, qid, ENV_SUFFIX)
 
     def open_body(self, qid: str) -> BinaryIO:
         try:
-            return open(self.body_path(qid), "rb")
+            return open_body_file(self.body_path(qid))
         except FileNotFoundError:
             raise QueueIdError(f"{qid}: no such message") from None
         except OSError as exc:
@@ -462,9 +582,11 @@ class Spool:
 
     def body_size(self, qid: str) -> int:
         try:
-            return os.stat(self.body_path(qid)).st_size
+            return body_file_size(self.body_path(qid))
         except FileNotFoundError:
             raise QueueIdError(f"{qid}: no such message") from None
+        except OSError as exc:
+            raise SpoolError(f"{qid}: cannot read record: {exc}") from exc
 
     def free_space(self, max_age: float = 1.0) -> int:
         """Bytes available to unprivileged users on the spool's file system (re-read at most every
@@ -518,13 +640,12 @@ class Spool:
     # -- recovery -------------------------------------------------------------------------------------
 
     def recover(self) -> list[str]:
-        """Clean up after a crash: empty ``tmp/``, quarantine broken records, drop stale lock files.
+        """Clean up after a crash: empty ``tmp/``, quarantine broken records, finish interrupted removals.
 
         Returns the ids moved to ``corrupt/``. Only at daemon start, while nothing else writes.
         """
         self._empty_tmp()
         moved = [qid for qid in self._record_ids() if self._recover_one(qid)]
-        self._prune_locks()
         if moved:
             _fsync_dir(self._queue_dir)
         return moved
@@ -546,33 +667,22 @@ class Spool:
         return sorted(ids)
 
     def _recover_one(self, qid: str) -> bool:
-        env_path = self._path(QUEUE, qid, ENV_SUFFIX)
-        try:
-            with open(env_path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            self._quarantine(qid, "body without envelope")
-            return True
-        env, problem = self._check_record(qid, raw)
-        if env is not None:
+        if not os.path.exists(self._path(QUEUE, qid, BODY_SUFFIX)):
+            log.info("%s: finishing an interrupted removal", qid)
+            _unlink_quietly(self._path(QUEUE, qid, ENV_SUFFIX))
             return False
-        self._quarantine(qid, problem)
-        return True
-
-    def _prune_locks(self) -> None:
-        lock_dir = os.path.join(self.directory, LOCKS)
-        for name in os.listdir(lock_dir):
-            stem, suffix = os.path.splitext(name)
-            if suffix != LOCK_SUFFIX or not valid_queue_id(stem) or self._record_exists(stem):
-                continue
-            lk = self.try_lock(stem)
-            if lk is not None:
-                lk.release()  # the message is gone, so release unlinks the file
+        try:
+            self.load(qid)
+        except QueueIdError:
+            return False
+        except SpoolError:
+            return not os.path.exists(self._path(QUEUE, qid, BODY_SUFFIX))  # quarantined by load
+        return False
 
     def _quarantine(self, qid: str, reason: str) -> None:
         """Move both files of a record to ``corrupt/`` so it never stops the daemon again."""
         log.error("%s: %s; moving it to %s/", qid, reason, CORRUPT)
-        for suffix in (ENV_SUFFIX, BODY_SUFFIX):  # envelope first, as in remove()
+        for suffix in (BODY_SUFFIX, ENV_SUFFIX):  # the record first, as in remove()
             try:
                 os.rename(self._path(QUEUE, qid, suffix), self._path(CORRUPT, qid, suffix))
             except FileNotFoundError:
@@ -648,12 +758,14 @@ class SpoolWriter:
         spool = self._spool
         body_dst = spool._path(QUEUE, self.queue_id, BODY_SUFFIX)
         try:
+            # The envelope rides in the same file: one inode and one fsync per message (ext4 pays dearly
+            # for every inode it allocates while many were freed recently).
+            self._buf += record_trailer(self.size, env)
             _write_all(self._fd, self._buf)
             del self._buf[:]
             os.fsync(self._fd)
             self._close()
             os.rename(self._tmp_path, body_dst)
-            spool._install_env(env)
             spool._sync_queue_dir()
         except OSError as exc:
             self._undo()
@@ -677,10 +789,8 @@ class SpoolWriter:
             self._close()
         except OSError:
             pass  # the buffered data could not be flushed: we are throwing it away anyway
-        spool = self._spool
-        # Envelope before body, so even a crash in here never leaves an envelope without its body.
-        for path in (spool._path(QUEUE, self.queue_id, ENV_SUFFIX), spool._path(QUEUE, self.queue_id, BODY_SUFFIX),
-                     self._tmp_path):
+        # A failed commit may have renamed the record into queue/ already.
+        for path in (self._spool._path(QUEUE, self.queue_id, BODY_SUFFIX), self._tmp_path):
             _unlink_quietly(path)
 
     def __enter__(self):  # returns self

@@ -40,7 +40,7 @@ class Delivery:
     queue_id: str
     envelope: Envelope
     recipients: List[Recipient]
-    body_path: str  # spool body file: the message as received (CRLF line ends, dot-unstuffed)
+    body_path: str  # spool record: read the message (CRLF line ends, dot-unstuffed) with spool.open_body_file
     config: Config
     deadline: Optional[float] = None  # time.monotonic() after which the mailer must give up (shutdown)
 

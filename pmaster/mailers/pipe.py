@@ -38,6 +38,7 @@ from typing import BinaryIO
 from pmaster.config import PipeConfig
 from pmaster.envelope import Recipient, split_address
 from pmaster.mailers import OK, PERMFAIL, TEMPFAIL, Delivery, Result
+from pmaster.spool import open_body_file
 
 log = logging.getLogger("pmaster.pipe")
 
@@ -249,7 +250,7 @@ class _Outcome:
 
 def _run(argv: list[str], env: dict[str, str], delivery: Delivery, end: float, cwd: str) -> Result:
     try:
-        with open(delivery.body_path, "rb") as body:
+        with open_body_file(delivery.body_path) as body:
             return _spawn(argv, env, delivery, end, cwd, body)
     except OSError as exc:  # _spawn handles its own; this is the spool body
         return Result(TEMPFAIL, f"cannot read queued message: {exc.strerror or exc}", "4.3.0")

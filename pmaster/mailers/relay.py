@@ -56,6 +56,7 @@ from pmaster.config import RelayConfig
 from pmaster.dnsresolve import DnsTempError, NoSuchDomain, NullMX, Resolver
 from pmaster.envelope import Recipient, split_address
 from pmaster.mailers import OK, PERMFAIL, TEMPFAIL, Delivery, Result
+from pmaster.spool import body_file_size, open_body_file
 
 log = logging.getLogger("pmaster.relay")
 
@@ -570,7 +571,7 @@ class _Job:
     def prepare(self) -> Optional[_Failure]:
         """Local checks before any connection: the body, the password, the TLS context, the sender."""
         try:
-            self.size = os.path.getsize(self.delivery.body_path)
+            self.size = body_file_size(self.delivery.body_path)
         except OSError as exc:
             return _Failure("cannot read the spool body: %s" % exc.strerror, "4.3.0")
         sender = self.delivery.envelope.sender
@@ -979,7 +980,7 @@ class _Session:
                 results[i] = _result(status, text, dsn)
 
         try:
-            body = open(self.job.delivery.body_path, "rb")
+            body = open_body_file(self.job.delivery.body_path)
         except OSError as exc:
             settle(TEMPFAIL, "cannot read the spool body: %s" % exc.strerror, "4.3.0")
             return

@@ -42,7 +42,7 @@ import pytest
 
 from pmaster.config import load
 from pmaster.smtpd import Listener, Runtime
-from pmaster.spool import Spool
+from pmaster.spool import Spool, open_body_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -234,11 +234,10 @@ class _SpoolView:
         return spool_queue_ids(self.spool_dir)
 
     def envelope(self, qid: str) -> dict:
-        with open(os.path.join(self.spool_dir, "queue", qid + ".env")) as f:
-            return json.load(f)
+        return json.loads(Spool(self.spool_dir).load(qid).to_json())
 
     def body(self, qid: str) -> bytes:
-        with open(os.path.join(self.spool_dir, "queue", qid + ".msg"), "rb") as f:
+        with open_body_file(os.path.join(self.spool_dir, "queue", qid + ".msg")) as f:
             return f.read()
 
     def spool_files(self, sub: str) -> List[str]:
@@ -374,7 +373,7 @@ def spool_queue_ids(spool_dir: str) -> List[str]:
         names = os.listdir(os.path.join(spool_dir, "queue"))
     except FileNotFoundError:
         return []
-    return sorted(n[:-4] for n in names if n.endswith(".env"))
+    return sorted(n[:-4] for n in names if n.endswith(".msg"))
 
 
 class DaemonFactory:

@@ -5,6 +5,7 @@ import email.policy
 
 from pmaster.bounce import HEADERS_LIMIT, build_bounce, dsn_status, should_bounce
 from pmaster.envelope import Envelope, Recipient
+from pmaster.spool import record_trailer
 
 NOW = 1700000000.0
 ORIGINAL = (b"Received: from client by mx\r\nSubject: quarterly report\r\nMessage-ID: <orig@example.org>\r\n"
@@ -22,9 +23,10 @@ def envelope(sender="alice@example.org", recipients=()):
 
 
 def build(tmp_path, failed, sender="alice@example.org", body=ORIGINAL, **kw):
+    env = envelope(sender, failed)
     path = tmp_path / "body"
-    path.write_bytes(body)
-    return build_bounce(envelope(sender, failed), failed, "mx.example.net", str(path), NOW, **kw)
+    path.write_bytes(body + record_trailer(len(body), env))  # a spool record, as the scheduler passes
+    return build_bounce(env, failed, "mx.example.net", str(path), NOW, **kw)
 
 
 def parse(data):

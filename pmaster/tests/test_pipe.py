@@ -12,6 +12,7 @@ from pmaster.config import Config, PipeConfig
 from pmaster.envelope import Envelope, Recipient
 from pmaster.mailers import OK, PERMFAIL, TEMPFAIL, Delivery, pipe
 from pmaster.mailers.pipe import classify, deliver, expand_argv
+from pmaster.spool import record_trailer
 
 BODY = b"Subject: test\r\nFrom: a@example.org\r\n\r\nline one\r\nline two\r\n"
 
@@ -22,10 +23,10 @@ def rcpt(address, extension=""):
 
 def make_delivery(tmp_path, sender="alice@example.org", addresses=("bob@example.com",), body=BODY,
                   deadline=None, recipients=None):
-    body_path = tmp_path / "body"
-    body_path.write_bytes(body)
     rcpts = recipients if recipients is not None else [rcpt(a) for a in addresses]
     env = Envelope(queue_id="Q123", sender=sender, recipients=rcpts, arrival=time.time())
+    body_path = tmp_path / "body"
+    body_path.write_bytes(body + record_trailer(len(body), env))  # a spool record, as the scheduler passes
     return Delivery(queue_id="Q123", envelope=env, recipients=rcpts, body_path=str(body_path),
                     config=Config(path=str(tmp_path / "test.cf")), deadline=deadline)
 
@@ -265,6 +266,8 @@ def test_twenty_mib_body_is_streamed_with_bounded_memory(tmp_path):
             f.write(line * 1000)
             digest.update(line.replace(b"\r\n", b"\n") * 1000)
     delivery = make_delivery(tmp_path, sender="s@x.org", body=b"")
+    with open(body_path, "ab") as f:
+        f.write(record_trailer(os.path.getsize(body_path), delivery.envelope))
     delivery.body_path = str(body_path)
     out = tmp_path / "received"
     tracemalloc.start()

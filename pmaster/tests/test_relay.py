@@ -18,6 +18,7 @@ from pmaster.config import Config, RelayConfig
 from pmaster.dnsresolve import DnsTempError, NoSuchDomain, NullMX, Resolver
 from pmaster.envelope import Envelope, Recipient
 from pmaster.mailers import OK, PERMFAIL, TEMPFAIL, Delivery, relay
+from pmaster.spool import record_trailer
 from pmaster.tests.dnsserver import DnsServer
 from pmaster.tests.smtpsink import SmtpSink, tls_server_context
 
@@ -68,11 +69,11 @@ def ca_file(ca, tmp_path):
 
 
 def make_delivery(tmp_path, rcpts, body=BODY, sender="s@src.test", body_type="7BIT", deadline=None):
-    path = tmp_path / "body"
-    path.write_bytes(body)
     recipients = [Recipient(address=a, original=a, mailer="relay", target="relay()") for a in rcpts]
     env = Envelope(queue_id="Q1", sender=sender, recipients=recipients, arrival=time.time(),
                    size=len(body), body_type=body_type)
+    path = tmp_path / "body"
+    path.write_bytes(body + record_trailer(len(body), env))  # a spool record, as the scheduler passes
     return Delivery("Q1", env, recipients, str(path), Config(path="x"), deadline=deadline)
 
 
@@ -951,7 +952,8 @@ if fork:
 
 def run_deliver_script(tmp_path, sink, mode):
     body = tmp_path / "body"
-    body.write_bytes(BODY)
+    body.write_bytes(BODY + record_trailer(len(BODY), Envelope(queue_id="Q1", sender="s@src.test", recipients=[],
+                                                                             arrival=0.0)))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(relay.__file__))))
     env = dict(os.environ, PYTHONPATH=root)
     return subprocess.run([sys.executable, "-c", DELIVER_SCRIPT, str(body), hostport(sink), mode], env=env,

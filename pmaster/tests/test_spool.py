@@ -11,7 +11,7 @@ import pytest
 
 from pmaster.envelope import Envelope, Recipient
 from pmaster.errors import QueueIdError, SpoolError
-from pmaster.spool import GroupSync, Spool, new_queue_id, valid_queue_id
+from pmaster.spool import GroupSync, Spool, body_file_size, new_queue_id, open_body_file, record_trailer, valid_queue_id
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOIN_TIMEOUT = 30
@@ -53,7 +53,7 @@ def run_threads(target, count):
 
 def test_spool_creates_private_subdirectories(tmp_path):
     spool = Spool(str(tmp_path / "spool"))
-    for sub in ("tmp", "queue", "corrupt", "locks"):
+    for sub in ("tmp", "queue", "corrupt"):
         assert os.stat(os.path.join(spool.directory, sub)).st_mode & 0o777 == 0o700
 
 
@@ -276,22 +276,89 @@ def test_spool_without_group_commit_still_commits(tmp_path):
 
 # -- save and remove ----------------------------------------------------------------------------------
 
+def test_commit_writes_one_file_per_message(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    assert listing(spool, "queue") == [env.queue_id + ".msg"]
+    assert listing(spool, "tmp") == []
+
+
+def test_record_holds_body_then_envelope_line_then_footer(tmp_path):
+    spool = Spool(str(tmp_path))
+    body = b"Subject: hi\r\n\r\nhello\r\n"
+    env = store(spool, body)
+    with open(spool.body_path(env.queue_id), "rb") as f:
+        raw = f.read()
+    assert raw.startswith(body)
+    envelope_line, footer = raw[len(body):].split(b"\n")[:2]
+    assert Envelope.from_json(envelope_line.decode()) == env
+    assert footer == b"#pmaster-record body=%016d envelope=%010d" % (len(body), len(envelope_line) + 1)
+    assert raw.endswith(footer + b"\n")
+
+
+def test_body_readers_stop_at_the_end_of_the_body(tmp_path):
+    spool = Spool(str(tmp_path))
+    body = b"Subject: hi\r\n\r\n" + b"line\r\n" * 20000
+    env = store(spool, body)
+    with spool.open_body(env.queue_id) as f:
+        assert f.read() == body
+    with open_body_file(spool.body_path(env.queue_id)) as f:
+        assert b"".join(iter(lambda: f.read(1000), b"")) == body
+    with spool.open_body(env.queue_id) as f:
+        assert list(f)[:2] == [b"Subject: hi\r\n", b"\r\n"]
+    assert spool.body_size(env.queue_id) == body_file_size(spool.body_path(env.queue_id)) == len(body)
+
+
+def test_body_reader_refuses_a_file_that_is_no_record(tmp_path):
+    path = tmp_path / "plain"
+    path.write_bytes(b"Subject: hi\r\n\r\nno trailer\r\n")
+    with pytest.raises(OSError, match="not a spool record"):
+        open_body_file(str(path))
+    with pytest.raises(OSError, match="not a spool record"):
+        body_file_size(str(path))
+
+
+def test_record_trailer_makes_a_readable_record(tmp_path):
+    env = make_env(new_queue_id())
+    path = tmp_path / "record"
+    path.write_bytes(b"body\r\n" + record_trailer(6, env))
+    with open_body_file(str(path)) as f:
+        assert f.read() == b"body\r\n"
+
+
 def test_save_replaces_envelope_without_touching_body(tmp_path):
     spool = Spool(str(tmp_path))
     env = store(spool)
     body_before = os.stat(spool.body_path(env.queue_id))
     env_path = os.path.join(spool.directory, "queue", env.queue_id + ".env")
-    env_inode_before = os.stat(env_path).st_ino
+    assert not os.path.exists(env_path)  # the record's own envelope serves until the first save
     time.sleep(0.01)
-    env.recipients[0].attempts = 3
-    env.recipients[0].last_reply = "451 4.7.1 try later"
-    with spool.lock(env.queue_id):
-        spool.save(env)
+    for attempts in (3, 4):
+        env.recipients[0].attempts = attempts
+        env.recipients[0].last_reply = "451 4.7.1 try later"
+        with spool.lock(env.queue_id):
+            spool.save(env)
+        assert spool.load(env.queue_id).recipients[0].attempts == attempts
     body_after = os.stat(spool.body_path(env.queue_id))
     assert (body_after.st_ino, body_after.st_mtime_ns) == (body_before.st_ino, body_before.st_mtime_ns)
-    assert os.stat(env_path).st_ino != env_inode_before
-    assert spool.load(env.queue_id).recipients[0].attempts == 3
+    assert os.path.exists(env_path)
     assert listing(spool, "tmp") == []
+
+
+def test_stamp_changes_with_every_save(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    stamps = [spool.stamp(env.queue_id)]
+    for attempts in (1, 2):
+        env.recipients[0].attempts = attempts
+        with spool.lock(env.queue_id):
+            spool.save(env)
+        stamps.append(spool.stamp(env.queue_id))
+    assert len(set(stamps)) == 3
+    with spool.lock(env.queue_id):
+        spool.remove(env.queue_id)
+    with pytest.raises(OSError):
+        spool.stamp(env.queue_id)
 
 
 def test_save_of_unknown_message_is_a_queue_id_error(tmp_path):
@@ -305,9 +372,9 @@ def test_remove_deletes_both_files(tmp_path):
     spool = Spool(str(tmp_path))
     env = store(spool)
     with spool.lock(env.queue_id):
+        spool.save(env)
         spool.remove(env.queue_id)
     assert spool.ids() == [] and listing(spool, "queue") == []
-    assert listing(spool, "locks") == []
     with pytest.raises(QueueIdError):
         spool.load(env.queue_id)
     with pytest.raises(QueueIdError):
@@ -324,6 +391,8 @@ def test_load_of_unknown_id_is_a_queue_id_error(tmp_path):
 def test_load_moves_corrupt_envelope_to_corrupt(tmp_path):
     spool = Spool(str(tmp_path))
     env = store(spool)
+    with spool.lock(env.queue_id):
+        spool.save(env)
     with open(os.path.join(spool.directory, "queue", env.queue_id + ".env"), "w") as f:
         f.write('{"version": 1, "queue_id": ')
     with pytest.raises(SpoolError) as info:
@@ -334,19 +403,36 @@ def test_load_moves_corrupt_envelope_to_corrupt(tmp_path):
     assert listing(spool, "corrupt") == [env.queue_id + ".env", env.queue_id + ".msg"]
 
 
-def test_load_moves_envelope_without_body_to_corrupt(tmp_path):
+def test_load_moves_record_with_broken_trailer_to_corrupt(tmp_path):
     spool = Spool(str(tmp_path))
     env = store(spool)
-    os.unlink(spool.body_path(env.queue_id))
-    with pytest.raises(SpoolError, match="without body"):
+    with open(spool.body_path(env.queue_id), "r+b") as f:
+        f.truncate(os.path.getsize(spool.body_path(env.queue_id)) - 5)
+    with pytest.raises(SpoolError, match="unreadable record") as info:
         spool.load(env.queue_id)
+    assert not isinstance(info.value, QueueIdError)
     assert spool.corrupt_ids() == [env.queue_id] and spool.ids() == []
+
+
+def test_envelope_left_by_an_interrupted_removal_counts_as_removed(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    with spool.lock(env.queue_id):
+        spool.save(env)
+    os.unlink(spool.body_path(env.queue_id))  # a crash between the two unlinks of remove()
+    assert not spool.exists(env.queue_id) and spool.ids() == []
+    with pytest.raises(QueueIdError):
+        spool.load(env.queue_id)
+    assert spool.recover() == []
+    assert listing(spool, "queue") == [] and spool.corrupt_ids() == []
 
 
 def test_recover_moves_unreadable_envelope_to_corrupt(tmp_path):
     spool = Spool(str(tmp_path))
     good = store(spool)
     bad = store(spool)
+    with spool.lock(bad.queue_id):
+        spool.save(bad)
     with open(os.path.join(spool.directory, "queue", bad.queue_id + ".env"), "wb") as f:
         f.write(b"\xff\xfe not json")
     assert spool.recover() == [bad.queue_id]
@@ -354,11 +440,10 @@ def test_recover_moves_unreadable_envelope_to_corrupt(tmp_path):
     assert spool.corrupt_ids() == [bad.queue_id]
 
 
-def test_recover_handles_body_without_envelope_after_crash(tmp_path):
+def test_recover_quarantines_a_record_without_trailer(tmp_path):
     spool = Spool(str(tmp_path))
     good = store(spool)
-    # A crash between renaming the body into queue/ and installing the envelope, with another
-    # message still being written in tmp/.
+    # A file in queue/ that no commit wrote, with another message still being written in tmp/.
     orphan = new_queue_id()
     with open(spool.body_path(orphan), "wb") as f:
         f.write(b"never acknowledged\r\n")
@@ -370,16 +455,6 @@ def test_recover_handles_body_without_envelope_after_crash(tmp_path):
     assert listing(spool, "tmp") == []
     assert spool.corrupt_ids() == [orphan]
     assert spool.load(good.queue_id) == good
-
-
-def test_recover_prunes_stale_lock_files(tmp_path):
-    spool = Spool(str(tmp_path))
-    env = store(spool)
-    stale = new_queue_id()
-    open(os.path.join(spool.directory, "locks", stale + ".lock"), "w").close()
-    with spool.lock(env.queue_id):
-        assert spool.recover() == []
-    assert listing(spool, "locks") == [env.queue_id + ".lock"]
 
 
 # -- locks --------------------------------------------------------------------------------------------
@@ -422,30 +497,43 @@ def test_lock_excludes_another_thread(tmp_path):
     assert not lk.held
 
 
-def test_lock_waiter_survives_lock_file_removal(tmp_path):
+def test_lock_waiter_of_a_removed_message_holds_a_lock_on_nothing(tmp_path):
     spool = Spool(str(tmp_path))
     env = store(spool)
     waiter_holds = threading.Event()
-    done = threading.Event()
+    seen = []
 
     def waiter(_):
-        with spool.lock(env.queue_id):
+        with spool.lock(env.queue_id) as lk:
             waiter_holds.set()
-            done.wait(JOIN_TIMEOUT)
+            seen.append(lk.held)
+            try:
+                spool.load(env.queue_id)
+            except QueueIdError as exc:
+                seen.append(exc)
 
     first = spool.lock(env.queue_id, timeout=5)
     thread = threading.Thread(target=waiter, args=(0,))
     thread.start()
-    time.sleep(0.05)  # let the waiter block on the lock file we are about to unlink
+    time.sleep(0.05)  # let the waiter block on the record we are about to unlink
+    assert not waiter_holds.is_set()
     spool.remove(env.queue_id)
-    first.release()  # the message is gone: this unlinks the lock file
+    first.release()
     assert waiter_holds.wait(JOIN_TIMEOUT)
-    # The waiter holds a lock on the file at the path, not on the unlinked one.
-    assert spool.try_lock(env.queue_id) is None
-    done.set()
     thread.join(JOIN_TIMEOUT)
     assert not thread.is_alive()
-    assert listing(spool, "locks") == []
+    assert seen[0] is True and isinstance(seen[1], QueueIdError)
+
+
+def test_lock_of_an_unknown_message_succeeds_and_load_says_so(tmp_path):
+    spool = Spool(str(tmp_path))
+    qid = new_queue_id()
+    lk = spool.try_lock(qid)
+    assert lk is not None and lk.held
+    with lk:
+        with pytest.raises(QueueIdError):
+            spool.load(qid)
+    assert not lk.held
 
 
 # -- the trigger file and paths -------------------------------------------------------------------------
@@ -476,6 +564,8 @@ def test_env_path_names_the_envelope_file_and_checks_the_id(tmp_path):
     spool = Spool(str(tmp_path))
     env = store(spool)
     assert spool.env_path(env.queue_id) == os.path.join(spool.directory, "queue", env.queue_id + ".env")
+    with spool.lock(env.queue_id):
+        spool.save(env)
     assert os.path.exists(spool.env_path(env.queue_id))
     with pytest.raises(QueueIdError):
         spool.env_path("../x")
