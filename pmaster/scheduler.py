@@ -2,8 +2,8 @@
 
 API:
   ``backoff(attempts, retry_min, retry_max) -> seconds``: pure; ``retry_min * 2**(attempts-1)`` capped.
-  ``Scheduler(config_source, spool, mailer, route_bounce, now=time.time)``: ``start()``, ``notify(qid)`` (a new
-     or changed message; None rescans the spool), ``stop(deadline)`` (finish or abandon deliveries in progress
+  ``Scheduler(config_source, spool, mailer, route_bounce, now=time.time)``: ``start()``, ``notify(qid, fresh)`` (a new
+     or changed message, optionally with (stamp, envelope) as just written; None rescans the spool), ``stop(deadline)`` (finish or abandon deliveries in progress
      by ``deadline``; jobs not started yet are not started), ``in_flight`` (mailer calls running),
      ``queued_jobs`` (planned, waiting for a worker), ``idle()``.
   ``plan_jobs(env, config, now, busy)``: pure grouping of due recipients into delivery jobs: pipe batches of
@@ -274,11 +274,17 @@ class Scheduler:
         for t in self._threads:
             t.start()
 
-    def notify(self, qid: Optional[str] = None) -> None:
-        """A message was queued or changed (``qid``), or anything may have changed (None: rescan)."""
+    def notify(self, qid: Optional[str] = None, fresh: Optional[Tuple[Stamp, Envelope]] = None) -> None:
+        """A message was queued or changed (``qid``), or anything may have changed (None: rescan).
+
+        ``fresh`` is (stamp, envelope) of the record just written, so planning need not read it back; the
+        caller never modifies that envelope again.
+        """
         with self._lock:
             if qid is not None:
                 self._dirty.add(qid)
+                if fresh is not None:
+                    self._fresh[qid] = fresh
             else:
                 self._rescan = True
         self._wake.set()

@@ -2,7 +2,7 @@
 
 API:
   ``Runtime``: what sessions share: the current ``Config`` and ``Router`` (swapped whole on reload), the
-     ``Spool``, TLS contexts, the session registry and a ``notify(queue_id)`` hook that wakes the scheduler.
+     ``Spool``, TLS contexts, the session registry and a ``notify(queue_id, (stamp, envelope))`` hook that wakes the scheduler.
   ``listen_addresses(smtpd) -> List[(family, sockaddr, label)]``: resolves ``listen-port`` values.
   ``Listener(runtime, ident, family, sockaddr)``: a bound server; ``serve_forever()`` in its own thread;
      ``idle_threads``: finished session threads kept for the next connection (ended by ``server_close``).
@@ -53,7 +53,8 @@ HEADER_SNIFF_LIMIT = 64 * 1024
 class Runtime:
     """State shared by every session of every listener."""
 
-    def __init__(self, config: Config, spool: Spool, notify: Callable[[str], None] = lambda qid: None):
+    def __init__(self, config: Config, spool: Spool,
+                 notify: Callable[[str, Optional[tuple]], None] = lambda qid, fresh=None: None):
         self.spool = spool
         self.notify = notify
         self._lock = threading.Lock()
@@ -591,7 +592,7 @@ class Session:
                       len(env.recipients), self.client_address, self.helo,
                       " tls=%s" % self.channel.tls.split()[0] if self.channel.tls else "")
         self._count("message", str(env.size))
-        self.runtime.notify(qid)
+        self.runtime.notify(qid, (writer.stamp, env))  # the scheduler plans from env: no read back
         return Reply(250, "2.0.0", "Ok: queued as %s" % qid)
 
     def _data_problem(self, result, smtpd: SmtpdConfig) -> Optional[Reply]:

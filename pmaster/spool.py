@@ -4,7 +4,8 @@ API:
   ``new_queue_id() -> str``: a fresh id: 13 hex digits of microseconds since the epoch, then 5 random
     characters; ``[0-9A-Z]`` only, so it is safe as a file name and sorts by arrival.
   ``Spool(directory)``: creates ``tmp/ queue/ corrupt/`` (mode 0o700) and a ``VERSION`` marker.
-    ``writer()`` starts a message (``SpoolWriter``: ``write``, ``commit``, ``abort``; a context manager);
+    ``writer()`` starts a message (``SpoolWriter``: ``write``, ``commit``, ``abort``, ``stamp`` after the
+    commit; a context manager);
     ``ids()``, ``load(qid)``, ``save(env)``, ``stamp(qid)``, ``body_path(qid)``, ``open_body(qid)``,
     ``body_size(qid)``, ``exists(qid)``, ``remove(qid)``, ``lock(qid, timeout=None)``, ``try_lock(qid)``,
     ``recover()``, ``corrupt_ids()``, ``free_space()``, ``env_path(qid)``; ``trigger_path()`` and
@@ -714,6 +715,7 @@ class SpoolWriter:
         self._fd: int | None = fd
         self._buf = bytearray()
         self._committed = False
+        self.stamp: tuple[int, int, int, int] | None = None  # Spool.stamp of the record, once committed
 
     def _allocate(self) -> tuple[str, int]:
         """A fresh id whose temp file we created with O_EXCL (so no other thread or process has it)."""
@@ -764,6 +766,8 @@ class SpoolWriter:
             _write_all(self._fd, self._buf)
             del self._buf[:]
             os.fsync(self._fd)
+            st = os.fstat(self._fd)
+            self.stamp = (0, st.st_ino, st.st_mtime_ns, st.st_size)  # as Spool.stamp gives it until a save
             self._close()
             os.rename(self._tmp_path, body_dst)
             spool._sync_queue_dir()

@@ -422,7 +422,8 @@ class InProcessSmtpd(_SpoolView):
         self.notified: List[str] = []
 
     def __enter__(self) -> "InProcessSmtpd":
-        self.runtime = Runtime(self.config, Spool(self.spool_dir), notify=self.notified.append)
+        self.runtime = Runtime(self.config, Spool(self.spool_dir),
+                               notify=lambda qid, fresh=None: self.notified.append(qid))
         self.runtime.load_tls()
         ident = next(iter(self.config.smtpd))
         self.server = Listener(self.runtime, ident, socket.AF_INET, ("127.0.0.1", 0), "127.0.0.1:0")

@@ -548,6 +548,47 @@ def test_new_message_and_rescan_do_not_read_deferred_messages_again(tmp_path):
         s.sched.stop(time.monotonic() + 5)
 
 
+def test_message_notified_with_its_envelope_is_delivered_without_reading_it_back(tmp_path):
+    s = _counting_setup(tmp_path)
+    s.sched.start()
+    try:
+        r = Recipient(address="a@x.test", original="a@x.test", mailer="pipe", target="rec")
+        with s.spool.writer() as w:
+            w.write(BODY)
+            env = Envelope(queue_id=w.queue_id, sender="alice@src.test", recipients=[r], arrival=s.clock(),
+                           size=len(BODY))
+            w.commit(env)
+        assert w.stamp == s.spool.stamp(w.queue_id)
+        s.sched.notify(w.queue_id, (w.stamp, env))  # what the SMTP session does after its commit
+        assert wait_for(lambda: not s.spool.exists(w.queue_id), 10)
+        assert s.argv_lines() == ["%s a@x.test" % w.queue_id]
+        assert w.queue_id not in s.spool.loads
+    finally:
+        s.sched.stop(time.monotonic() + 5)
+
+
+def test_stale_envelope_handed_over_is_read_again_before_delivery(tmp_path):
+    s = _counting_setup(tmp_path)
+    r = Recipient(address="a@x.test", original="a@x.test", mailer="pipe", target="rec")
+    with s.spool.writer() as w:
+        w.write(BODY)
+        env = Envelope(queue_id=w.queue_id, sender="alice@src.test", recipients=[r], arrival=s.clock(),
+                       size=len(BODY))
+        w.commit(env)
+    with s.spool.lock(w.queue_id):  # held before the scheduler plans from the copy it was handed
+        held = s.spool.load(w.queue_id)
+        held.held = True
+        s.spool.save(held)
+    s.sched.notify(w.queue_id, (w.stamp, env))
+    s.sched.start()
+    try:
+        time.sleep(0.5)
+        assert s.argv_lines() == []
+        assert s.spool.load(w.queue_id).recipients[0].attempts == 0
+    finally:
+        s.sched.stop(time.monotonic() + 5)
+
+
 def test_touched_trigger_makes_the_scheduler_notice_an_outside_change(tmp_path):
     s = _counting_setup(tmp_path)
     qid = _commit_deferred(s, s.clock() + 3600)
