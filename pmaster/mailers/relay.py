@@ -17,7 +17,9 @@ Invariants (SPEC section 5): all recipients of a delivery go in one transaction 
   tried only after a session-level failure (connect failure, 421, a 4xx/5xx to the greeting, EHLO/HELO, MAIL
   or AUTH, a failed required TLS), never once a recipient got its own reply. Credentials go only over TLS;
   with ``auth-user`` set and no TLS the recipients are deferred. The body is streamed from the spool file
-  in chunks and dot-stuffed on the way (RFC 5321 section 4.5.2). ``Result.reply`` is ``"CODE TEXT"`` for a
+  in chunks and dot-stuffed on the way (RFC 5321 section 4.5.2). A server that offers PIPELINING gets MAIL,
+  every RCPT and DATA in one write and its replies are read in order (RFC 2920); the replies mean what they
+  mean one at a time, and no text is sent when no RCPT was accepted. ``Result.reply`` is ``"CODE TEXT"`` for a
   remote reply. A destination that is one of ``local_addresses()`` defers with "mail loops back to myself".
 Connection cache: a session whose transaction got its final reply (whatever the recipients' results) is
   parked after ``RSET`` got 250, instead of QUIT. The key holds everything that makes a session reusable:
@@ -748,6 +750,7 @@ class _Session:
         self.reused = conn.uses > 0
         self.tls = False
         self.clean = False  # the last command got its final reply and no transaction is open: parkable
+        self.rcpts_answered = False  # some RCPT of this transaction got its own reply: no next host now
         self.parked = False
 
     # low-level steps
@@ -812,11 +815,14 @@ class _Session:
             self.clean = True
             self.finish()
             return [too_big] * len(self.rcpts)
-        try:
-            self.mail()
-        except _Lost as exc:
-            raise on_lost_mail(exc) from None
-        results = self.transaction()
+        if self.client.has_extn("pipelining") and any(_sendable(r.address) for r in self.rcpts):
+            results = self.pipelined(on_lost_mail)
+        else:
+            try:
+                self.mail()
+            except _Lost as exc:
+                raise on_lost_mail(exc) from None
+            results = self.transaction()
         self.finish()
         return results
 
@@ -926,14 +932,19 @@ class _Session:
         return _result(PERMFAIL, "552 5.3.4 Message size %d exceeds the size limit %s of %s"
                        % (self.job.size, limit, self.target))
 
-    def mail(self) -> None:
+    def mail_args(self) -> str:
         env = self.job.delivery.envelope
         params = ""
         if self.client.has_extn("size"):
             params += " SIZE=%d" % self.job.size
         if env.body_type.upper() == "8BITMIME" and self.client.has_extn("8bitmime"):
             params += " BODY=8BITMIME"
-        code, text = self.cmd(self.t.command, "MAIL", "FROM:<%s>%s" % (env.sender, params))
+        return "FROM:<%s>%s" % (env.sender, params)
+
+    def mail(self) -> None:
+        self.mail_reply(*self.cmd(self.t.command, "MAIL", self.mail_args()))
+
+    def mail_reply(self, code: int, text: str) -> None:
         if code == 421 and self.reused:
             raise _Stale(text)
         if not 200 <= code < 300:
@@ -942,51 +953,122 @@ class _Session:
 
     def transaction(self) -> List[Result]:
         """RCPT for each recipient, then DATA: from the first per-recipient reply on, no other host."""
-        results: List[Optional[Result]] = [None] * len(self.rcpts)
+        results, sendable = self.unsendable()
         accepted: List[int] = []
-        answered = False
-        for i, rcpt in enumerate(self.rcpts):
-            if not _sendable(rcpt.address):
-                results[i] = _result(PERMFAIL, "553 5.6.7 Recipient address cannot be sent without SMTPUTF8")
-                continue
-            try:
-                code, text = self.cmd(self.t.command, "RCPT", "TO:<%s>" % rcpt.address)
-            except _Lost as exc:
-                if not answered:
-                    raise self.lost(exc, "in reply to RCPT TO") from None
-                return _fill(results, "lost connection: %s (%s, in reply to RCPT TO)" % (exc, self.target))
-            except _Deadline:
-                if not answered:
-                    raise
-                return _fill(results, _DEADLINE.text, _DEADLINE.dsn)
-            if code == 421 and not answered:
-                raise self.fail(text, "in reply to RCPT TO")
-            if code == 421:
-                return _fill(results, text)
-            answered = True
-            if 200 <= code < 300:
-                accepted.append(i)
-            else:
-                results[i] = _result(PERMFAIL if code >= 500 else TEMPFAIL, text)
+        self.rcpts_answered = False
+        for i in sendable:
+            stop = self.rcpt_reply(results, accepted, i,
+                                   lambda i=i: self.cmd(self.t.command, "RCPT", "TO:<%s>" % self.rcpts[i].address))
+            if stop is not None:
+                return stop
         if accepted:
             self.data(results, accepted)
         else:
             self.clean = True  # every RCPT answered (none with 421): RSET ends the transaction
         return _fill(results, "no reply")
 
-    def data(self, results: List[Optional[Result]], accepted: List[int]) -> None:
+    def unsendable(self) -> Tuple[List[Optional[Result]], List[int]]:
+        """Results so far (refusals of what cannot be sent) and the indexes of the recipients to send."""
+        results: List[Optional[Result]] = [None] * len(self.rcpts)
+        sendable = []
+        for i, rcpt in enumerate(self.rcpts):
+            if _sendable(rcpt.address):
+                sendable.append(i)
+            else:
+                results[i] = _result(PERMFAIL, "553 5.6.7 Recipient address cannot be sent without SMTPUTF8")
+        return results, sendable
+
+    def rcpt_reply(self, results: List[Optional[Result]], accepted: List[int], i: int,
+                   read: Callable[[], Tuple[int, str]]) -> Optional[List[Result]]:
+        """Take the reply to recipient ``i``'s RCPT; the final results when the transaction cannot go on."""
+        answered = self.rcpts_answered
+        try:
+            code, text = read()
+        except _Lost as exc:
+            if not answered:
+                raise self.lost(exc, "in reply to RCPT TO") from None
+            return _fill(results, "lost connection: %s (%s, in reply to RCPT TO)" % (exc, self.target))
+        except _Deadline:
+            if not answered:
+                raise
+            return _fill(results, _DEADLINE.text, _DEADLINE.dsn)
+        if code == 421 and not answered:
+            raise self.fail(text, "in reply to RCPT TO")
+        if code == 421:
+            return _fill(results, text)
+        self.rcpts_answered = True
+        if 200 <= code < 300:
+            accepted.append(i)
+        else:
+            results[i] = _result(PERMFAIL if code >= 500 else TEMPFAIL, text)
+        return None
+
+    def pipelined(self, on_lost_mail: Callable[[_Lost], Exception]) -> List[Result]:
+        """RFC 2920: MAIL, every RCPT and DATA in one write, then their replies in order (two round trips
+        fewer per message than one command at a time)."""
+        results, sendable = self.unsendable()
+        try:
+            body = open_body_file(self.job.delivery.body_path)
+        except OSError as exc:
+            self.clean = True  # nothing sent: the session is as clean as it was
+            return _fill(results, "cannot read the spool body: %s" % exc.strerror, "4.3.0")
+        with body:
+            lines = ["MAIL " + self.mail_args()] + ["RCPT TO:<%s>" % self.rcpts[i].address for i in sendable]
+            try:
+                self.arm(self.t.command)
+                self.client.send("".join(line + "\r\n" for line in lines + ["DATA"]))
+            except (smtplib.SMTPException, OSError) as exc:
+                raise on_lost_mail(_Lost(_lost_text(exc))) from None
+            try:
+                code, text = self.call(self.t.command, self.client.getreply)
+            except _Lost as exc:
+                raise on_lost_mail(exc) from None
+            self.mail_reply(code, text)
+            accepted: List[int] = []
+            self.rcpts_answered = False
+            for i in sendable:
+                stop = self.rcpt_reply(results, accepted, i, lambda: self.call(self.t.command, self.client.getreply))
+                if stop is not None:
+                    return stop
+            try:
+                reply = self.call(self.t.data_init, self.client.getreply)
+            except _Lost as exc:
+                return _fill(results, "lost connection: %s (%s, in reply to DATA)" % (exc, self.target), "4.4.2")
+            except _Deadline:
+                return _fill(results, _DEADLINE.text, _DEADLINE.dsn)
+            if accepted:
+                self.data(results, accepted, body, reply)
+            elif reply[0] == 354:
+                self.end_empty_message()
+            else:
+                self.clean = reply[0] != 421  # every RCPT refused and DATA too: RSET ends the transaction
+        return _fill(results, "no reply")
+
+    def end_empty_message(self) -> None:
+        """DATA got 354 although every RCPT was refused (RFC 2920 section 3.1): end the empty text at once."""
+        try:
+            self.sendall(b".\r\n")
+            code, _ = self.call(self.t.data_end, self.client.getreply)
+        except (_Lost, _Deadline):
+            return
+        self.clean = code != 421
+
+    def data(self, results: List[Optional[Result]], accepted: List[int], body=None,
+             reply: Optional[Tuple[int, str]] = None) -> None:
+        """DATA and the message text for ``accepted``; ``reply`` is DATA's reply when DATA went pipelined."""
         def settle(status: str, text: str, dsn: str = "") -> None:
             for i in accepted:
                 results[i] = _result(status, text, dsn)
 
-        try:
-            body = open_body_file(self.job.delivery.body_path)
-        except OSError as exc:
-            settle(TEMPFAIL, "cannot read the spool body: %s" % exc.strerror, "4.3.0")
-            return
+        if body is None:
+            try:
+                body = open_body_file(self.job.delivery.body_path)
+            except OSError as exc:
+                settle(TEMPFAIL, "cannot read the spool body: %s" % exc.strerror, "4.3.0")
+                return
         with body:
             try:
-                code, text = self.cmd(self.t.data_init, "DATA")
+                code, text = reply if reply is not None else self.cmd(self.t.data_init, "DATA")
                 if code != 354:
                     self.clean = code != 421
                     settle(PERMFAIL if code >= 500 else TEMPFAIL, text)

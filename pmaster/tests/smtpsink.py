@@ -30,6 +30,7 @@ API:
     ``idle_timeout``      a client silent this long between commands gets ``421 4.4.2`` and is dropped (0: never)
     ``rset_reply``        replaces the RSET answer (e.g. ``"500 5.5.1 no"``)
     ``session_mail_limit`` MAIL number N+1 of one session gets ``421 4.7.0`` and the hang-up (0: no limit)
+    ``pipelining``        advertise PIPELINING (default True)
   Records: ``messages`` (accepted ``Transaction`` objects), ``transactions`` (every message text received,
   with its final ``reply``), ``sessions`` (``Session``: peer, ehlo, tls, auth user, command lines),
   ``auth_attempts`` (``(mechanism, user, tls)``), ``connections`` (count), ``open_sessions`` (sessions
@@ -97,7 +98,7 @@ class SmtpSink:
                  require_auth: bool = False,
                  size_limit: Optional[int] = None, keep_data: bool = True, timeout: float = 10.0,
                  hostname: str = "sink.test", idle_timeout: float = 0.0, rset_reply: Optional[str] = None,
-                 session_mail_limit: int = 0):
+                 session_mail_limit: int = 0, pipelining: bool = True):
         self.host = host
         self.bind_port = port
         self.greeting = greeting
@@ -118,6 +119,7 @@ class SmtpSink:
         self.require_auth = require_auth
         self.size_limit = size_limit
         self.keep_data = keep_data
+        self.pipelining = pipelining
         self.timeout = timeout
         self.hostname = hostname
         self.idle_timeout = idle_timeout
@@ -230,6 +232,9 @@ class _Handler(socketserver.BaseRequestHandler):
         self.sink: SmtpSink = self.server.sink  # type: ignore[attr-defined]
         self.conn: socket.socket = self.request
         self.conn.settimeout(self.sink.timeout)
+        # One write per reply: without this, a pipelined client waits for each reply behind Nagle's algorithm
+        # and its own delayed ACK (a real PIPELINING server sends the replies of a batch together).
+        self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = self.conn.makefile("rb")
         self.sess = Session(peer=self.client_address)
         self.sink._register(self.request, True)
@@ -296,7 +301,7 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def extensions(self) -> List[str]:
         s = self.sink
-        ext = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        ext = (["PIPELINING"] if s.pipelining else []) + ["8BITMIME", "ENHANCEDSTATUSCODES"]
         if s.size_limit:
             ext.append("SIZE %d" % s.size_limit)
         if (s.tls_context is not None or s.broken_tls) and not self.sess.tls:

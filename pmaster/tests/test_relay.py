@@ -990,3 +990,89 @@ def test_message_end_does_not_wait_for_a_delayed_ack(tmp_path):
         elapsed = time.monotonic() - start
         assert sink.connections == 1
         assert elapsed < 0.5
+
+
+# -- PIPELINING (RFC 2920) ------------------------------------------------------------------------------
+
+
+class _BatchOnlyServer:
+    """Answers nothing after EHLO until MAIL, every RCPT and DATA have arrived: only a pipelining client
+    gets through. Then answers them in order (``rcpt_codes`` per RCPT), takes the text and says 250."""
+
+    def __init__(self, rcpt_codes):
+        self.rcpt_codes = rcpt_codes
+        self.batch = b""
+        self.text = b""
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        conn.settimeout(5)
+        with conn:
+            buf = b""
+
+            def until(marker):
+                nonlocal buf
+                while marker not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        raise OSError("closed")
+                    buf += data
+                head, _, buf = buf.partition(marker)
+                return head + marker
+
+            conn.sendall(b"220 batch.test ESMTP\r\n")
+            until(b"\r\n")  # EHLO
+            conn.sendall(b"250-batch.test\r\n250 PIPELINING\r\n")
+            self.batch = until(b"DATA\r\n")  # a client waiting for the MAIL reply never gets here
+            replies = [b"250 2.1.0 ok"] + [b"%d x" % c for c in self.rcpt_codes] + [b"354 go on"]
+            conn.sendall(b"".join(r + b"\r\n" for r in replies))
+            self.text = until(b"\r\n.\r\n")
+            conn.sendall(b"250 2.0.0 queued\r\n")
+            until(b"\r\n")  # RSET or QUIT
+            conn.sendall(b"221 2.0.0 bye\r\n")
+
+    def close(self):
+        self.thread.join(10)
+        self.listener.close()
+
+
+def test_mail_rcpt_and_data_go_in_one_batch_to_a_pipelining_server(tmp_path):
+    server = _BatchOnlyServer([250, 550])
+    try:
+        results = send(make_delivery(tmp_path, ["a@x.test", "b@x.test"]), hosts=("127.0.0.1:%d" % server.port,))
+    finally:
+        server.close()
+    assert statuses(results) == [OK, PERMFAIL]
+    assert results[1].reply == "550 x"
+    assert server.batch.split(b"\r\n")[:4] == [b"MAIL FROM:<s@src.test>", b"RCPT TO:<a@x.test>",
+                                               b"RCPT TO:<b@x.test>", b"DATA"]
+    assert server.text.endswith(BODY.split(b"\r\n")[-2] + b"\r\n.\r\n")
+
+
+def test_pipelined_transaction_with_every_recipient_refused_sends_no_text(tmp_path):
+    with SmtpSink(rcpt_replies={"a@x.test": "550 5.1.1 no", "b@x.test": "450 4.2.1 later"}) as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test", "b@x.test"]), hosts=(hostport(sink),))
+        assert statuses(results) == [PERMFAIL, TEMPFAIL]
+        assert sink.transactions == []
+        commands = [c.split(":")[0].split()[0].upper() for c in sink.sessions[0].commands]
+    assert commands[:5] == ["EHLO", "MAIL", "RCPT", "RCPT", "DATA"]
+
+
+def test_server_without_pipelining_gets_one_command_at_a_time(tmp_path):
+    with SmtpSink(pipelining=False, rcpt_replies={"b@x.test": "550 5.1.1 no"}) as sink:
+        results = send(make_delivery(tmp_path, ["a@x.test", "b@x.test"]), hosts=(hostport(sink),))
+        assert statuses(results) == [OK, PERMFAIL]
+        assert sink.messages[0].rcpts == ["a@x.test"]
+
+
+def test_pipelined_mail_refusal_is_a_session_failure_and_the_next_host_is_tried(tmp_path):
+    with SmtpSink(mail_reply="451 4.3.0 not now") as first, SmtpSink() as second:
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(first), hostport(second)))
+    assert statuses(results) == [OK]
+    assert first.messages == [] and len(second.messages) == 1
