@@ -21,7 +21,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 from pmaster.config import Config
 
@@ -30,6 +30,21 @@ _FORMAT_STDERR = "%(asctime)s %(name)s: %(levelname)s: %(message)s"
 _installed: Dict[str, logging.Handler] = {}
 _configured: Set[str] = set()  # logger names given handlers by configure(), to undo what a reload drops
 _pending_warnings: List[str] = []  # said once the handlers are in place, so they reach the right place
+
+
+class _Formatter(logging.Formatter):
+    """``logging.Formatter`` that renders the time stamp once per second, not once per line."""
+
+    _cached: Tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: Optional[str] = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached = self._cached
+        if cached[0] != second:
+            cached = self._cached = (second, time.strftime(self.default_time_format, self.converter(second)))
+        return self.default_msec_format % (cached[1], record.msecs)
 
 
 class StrftimeFileHandler(logging.Handler):
@@ -42,6 +57,7 @@ class StrftimeFileHandler(logging.Handler):
         self._failed: Optional[str] = None  # the path whose failure was reported, to report it once
         self.created_dirs: List[str] = []
         self.batched = False  # the writer thread flushes once per batch of lines
+        self._expanded: Tuple[int, str] = (-1, "")  # the pattern expanded for one second
 
     def flush(self) -> None:
         with self._io:
@@ -54,7 +70,7 @@ class StrftimeFileHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record).replace("\n", " | ") + "\n"
-            path = time.strftime(self.pattern)
+            path = self._expand(record.created)
             with self._io:
                 if path != self._path:
                     self._open(path)
@@ -63,6 +79,13 @@ class StrftimeFileHandler(logging.Handler):
                     self._stream.flush()
         except Exception:
             self.handleError(record)
+
+    def _expand(self, when: float) -> str:
+        second = int(when)
+        expanded = self._expanded
+        if expanded[0] != second:
+            expanded = self._expanded = (second, time.strftime(self.pattern, time.localtime(second)))
+        return expanded[1]
 
     def _open(self, path: str) -> None:
         if self._stream is not None:
@@ -169,6 +192,8 @@ def _cheap_records() -> None:
     """Per record, logging asks the OS for the pid and walks the stack for the caller; our lines use
     neither the caller nor a fresh pid, and under load those costs add up (one system call per line)."""
     logging.logProcesses = False
+    logging.logThreads = False  # the formats name no thread
+    logging.logMultiprocessing = False
     logging._srcfile = None  # documented switch: no caller look-up (we never print file or line)
 
 
@@ -247,7 +272,7 @@ def _async(handler: logging.Handler) -> _Async:
 
 def _stderr_handler() -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT_STDERR))
+    handler.setFormatter(_Formatter(_FORMAT_STDERR))
     return handler
 
 
@@ -263,7 +288,7 @@ def _handler_for(name: Optional[str], config: Config, foreground: bool) -> loggi
         handler = _syslog_handler(config)
     else:
         handler = StrftimeFileHandler(config.logfiles[name].file)
-        handler.setFormatter(logging.Formatter(_FORMAT_FILE))
+        handler.setFormatter(_Formatter(_FORMAT_FILE))
     _installed[key] = handler
     return handler
 
