@@ -21,6 +21,9 @@ PENDING = "pending"
 SENT = "sent"
 BOUNCED = "bounced"
 RECIPIENT_STATES = (PENDING, SENT, BOUNCED)
+# One line in field order (no sorting, no indent: json's C encoder, built once); `pmaster queue show`
+# prints records readably.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def split_address(addr: str) -> Tuple[str, str]:
@@ -105,9 +108,7 @@ class Envelope:
         data = dict(self.__dict__)
         data["recipients"] = [dict(r.__dict__) for r in self.recipients]
         data["extra"] = dict(self.extra)
-        # One line, no indent: json's C encoder only runs without indent, and saves are frequent.
-        # `pmaster queue show` prints it readably.
-        return json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n"
+        return _ENCODER.encode(data) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> "Envelope":

@@ -24,7 +24,11 @@ class Reply:
         return out
 
     def to_bytes(self) -> bytes:
-        return "".join(line + "\r\n" for line in self.lines()).encode("utf-8", "replace")
+        cached = self.__dict__.get("_bytes")  # the catalogue's replies are sent over and over
+        if cached is None:
+            cached = "".join(line + "\r\n" for line in self.lines()).encode("utf-8", "replace")
+            object.__setattr__(self, "_bytes", cached)  # not a field: equality and hash ignore it
+        return cached
 
     @property
     def is_temporary(self) -> bool:

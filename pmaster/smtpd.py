@@ -618,9 +618,9 @@ class Session:
         by = "\tby %s (Postmaster) with %s id %s" % (smtpd.name, protocol, qid)
         # "for" only with a single recipient: naming several would disclose Bcc recipients (as Postfix does).
         if len(rcpts) == 1:
-            lines += [by, "\tfor <%s>; %s" % (_header_safe(rcpts[0][0]), email.utils.formatdate(localtime=True))]
+            lines += [by, "\tfor <%s>; %s" % (_header_safe(rcpts[0][0]), _date_now())]
         else:
-            lines += [by + ";", "\t%s" % email.utils.formatdate(localtime=True)]
+            lines += [by + ";", "\t%s" % _date_now()]
         return "\r\n".join(lines) + "\r\n"
 
     def _envelope(self, qid: str, size: int, smtpd: SmtpdConfig) -> Envelope:
@@ -662,6 +662,19 @@ class Session:
         self._count("tls")
         self.log.info("STARTTLS from [%s]: %s", self.client_address, self.channel.tls)
         return None
+
+
+_date_cache: Tuple[int, str] = (-1, "")
+
+
+def _date_now() -> str:
+    """RFC 5322 date of now in local time, rendered once per second (every message's Received: has one)."""
+    global _date_cache
+    second = int(time.time())
+    cached = _date_cache
+    if cached[0] != second:
+        cached = _date_cache = (second, email.utils.formatdate(second, localtime=True))
+    return cached[1]
 
 
 def _header_safe(text: str) -> str:
@@ -716,7 +729,7 @@ class _HeaderFixer:
         if not _has_header(head, b"message-id"):
             extra += ("Message-ID: <%s.%s@%s>\r\n" % (self.qid, uuid.uuid4().hex[:12], self.hostname)).encode()
         if not _has_header(head, b"date"):
-            extra += ("Date: %s\r\n" % email.utils.formatdate(localtime=True)).encode()
+            extra += ("Date: %s\r\n" % _date_now()).encode()
         self.passing = True
         self.out(extra + bytes(self.buf))
         self.buf = bytearray()
