@@ -22,7 +22,9 @@ Invariants (SPEC section 5): all recipients of a delivery go in one transaction 
   mean one at a time, and no text is sent when no RCPT was accepted. ``Result.reply`` is ``"CODE TEXT"`` for a
   remote reply. A destination that is one of ``local_addresses()`` defers with "mail loops back to myself".
 Connection cache: a session whose transaction got its final reply (whatever the recipients' results) is
-  parked after ``RSET`` got 250, instead of QUIT. The key holds everything that makes a session reusable:
+  parked instead of QUIT. It owes an ``RSET`` that must get 250 before it serves again: a pipelining server
+  gets it in the same write as the next MAIL, RCPT and DATA (a non-250 answer makes the session stale: it is
+  closed and the job connects afresh), any other server at parking time (a non-250 answer: not parked). The key holds everything that makes a session reusable:
   address and port, the host name (certificates are checked against it), HELO name, TLS mode and CA file,
   whether TLS is active, and the AUTH user (an authenticated session never serves another user or a job
   without AUTH, nor the reverse). A parked session idle for ``IDLE_SECONDS`` is closed; one is used for at
@@ -139,6 +141,7 @@ class _Parked:
     born: float  # cache clock at connect
     uses: int = 0  # transactions begun on it (MAIL accepted)
     since: float = 0.0  # cache clock when parked
+    rset_due: bool = False  # parked without RSET: send it (and want 250) before the next MAIL
 
 
 class ConnectionCache:
@@ -444,7 +447,7 @@ class _Deadline(Exception):
 
 
 class _Stale(Exception):
-    """A cached session turned out dead at MAIL (a broken connection or 421): connect afresh."""
+    """A cached session turned out dead at MAIL (a broken connection, 421, RSET not answered 250): connect afresh."""
 
 
 _DEADLINE = _Failure("delivery interrupted: deadline reached (shutting down)", "4.3.2")
@@ -819,6 +822,8 @@ class _Session:
             results = self.pipelined(on_lost_mail)
         else:
             try:
+                if self.conn.rset_due:
+                    self.rset_reply(self.cmd(self.t.rset, "RSET"))
                 self.mail()
             except _Lost as exc:
                 raise on_lost_mail(exc) from None
@@ -837,6 +842,11 @@ class _Session:
         key = self.job.cache_key(self.target, self.tls)
         if not CACHE.wants(key, self.conn):
             return False
+        if self.client.has_extn("pipelining"):
+            # The RSET goes in the same write as the next MAIL, RCPT and DATA: no round trip of its own.
+            self.conn.rset_due = True
+            self.parked = CACHE.put(key, self.conn)
+            return self.parked
         try:
             code, text = self.cmd(self.t.rset, "RSET")
         except (_Lost, _Deadline) as exc:
@@ -1014,12 +1024,15 @@ class _Session:
             return _fill(results, "cannot read the spool body: %s" % exc.strerror, "4.3.0")
         with body:
             lines = ["MAIL " + self.mail_args()] + ["RCPT TO:<%s>" % self.rcpts[i].address for i in sendable]
+            rset = self.conn.rset_due
             try:
                 self.arm(self.t.command)
-                self.client.send("".join(line + "\r\n" for line in lines + ["DATA"]))
+                self.client.send("".join(line + "\r\n" for line in (["RSET"] if rset else []) + lines + ["DATA"]))
             except (smtplib.SMTPException, OSError) as exc:
                 raise on_lost_mail(_Lost(_lost_text(exc))) from None
             try:
+                if rset:
+                    self.rset_reply(self.call(self.t.rset, self.client.getreply))
                 code, text = self.call(self.t.command, self.client.getreply)
             except _Lost as exc:
                 raise on_lost_mail(exc) from None
@@ -1043,6 +1056,15 @@ class _Session:
             else:
                 self.clean = reply[0] != 421  # every RCPT refused and DATA too: RSET ends the transaction
         return _fill(results, "no reply")
+
+    def rset_reply(self, reply: Tuple[int, str]) -> None:
+        """The reply to the RSET owed by a session parked without one: anything but 250 makes it stale."""
+        self.conn.rset_due = False
+        if reply[0] != 250:
+            # Postfix too: a server that does not answer RSET with 250 may not be in a clean state. What was
+            # pipelined behind it is abandoned with the connection (closed, no QUIT: DATA may be open).
+            log.debug("%s: %s answered RSET with %s: connecting afresh", self.job.qid, self.target, reply[1])
+            raise _Stale("RSET answered %s" % reply[1])
 
     def end_empty_message(self) -> None:
         """DATA got 354 although every RCPT was refused (RFC 2920 section 3.1): end the empty text at once."""
