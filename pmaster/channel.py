@@ -1,7 +1,8 @@
 """CRLF line channel for an SMTP session over a plain socket or a pyOpenSSL connection.
 
 API:
-  ``Channel(sock, timeout)``: takes over ``sock``. A plain socket stays blocking with SO_RCVTIMEO/SO_SNDTIMEO
+  ``Channel(sock, timeout, preset=None)``: takes over ``sock`` (``preset``: kernel timeouts it already has,
+     see ``set_kernel_timeouts``). A plain socket stays blocking with SO_RCVTIMEO/SO_SNDTIMEO
      bounding each system call (one recv per read, no poll); under TLS, or where those options cannot be
      set, the socket is non-blocking and every wait is a poll up to a deadline.
   ``readline(limit) -> bytes``: one line with its terminator (CRLF or a bare LF). Command lines: ``COMMAND_LIMIT``.
@@ -84,7 +85,7 @@ class DataResult:
 class Channel:
     """Buffered line reader and writer over a socket, upgradable to TLS in place."""
 
-    def __init__(self, sock: socket.socket, timeout: float):
+    def __init__(self, sock: socket.socket, timeout: float, preset: Optional[float] = None):
         if timeout is None or timeout <= 0:
             raise ValueError("a channel needs a positive timeout")
         self.sock = sock
@@ -103,8 +104,12 @@ class Channel:
         self._blocking = False
         self._timeo = {socket.SO_RCVTIMEO: 0.0, socket.SO_SNDTIMEO: 0.0}
         try:
-            self._set_timeo(socket.SO_RCVTIMEO, timeout)
-            self._set_timeo(socket.SO_SNDTIMEO, timeout)
+            if preset is not None and abs(preset - timeout) <= _TIMEO_SLACK:
+                # Inherited from the listening socket (``set_kernel_timeouts``): nothing to set.
+                self._timeo = {socket.SO_RCVTIMEO: preset, socket.SO_SNDTIMEO: preset}
+            else:
+                self._set_timeo(socket.SO_RCVTIMEO, timeout)
+                self._set_timeo(socket.SO_SNDTIMEO, timeout)
             if sock.gettimeout() is not None:
                 sock.setblocking(True)
             self._blocking = True
@@ -295,10 +300,7 @@ class Channel:
                 raise ChannelClosed(_describe(exc)) from None
 
     def _set_timeo(self, option: int, seconds: float) -> None:
-        # struct timeval; a zero timeout would mean "wait forever", so never less than a millisecond
-        usec = max(1000, int(seconds * 1e6))
-        self.sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("@ll", usec // 1000000, usec % 1000000))
-        self._timeo[option] = usec / 1e6
+        self._timeo[option] = _setsockopt_timeo(self.sock, option, seconds)
 
     def _wait(self, for_write: bool, deadline: float) -> None:
         remaining = deadline - time.monotonic()
@@ -317,6 +319,20 @@ class Channel:
             ready = rlist or wlist
         if not ready:
             raise ChannelTimeout("timeout after %gs" % self.timeout)
+
+
+def _setsockopt_timeo(sock: socket.socket, option: int, seconds: float) -> float:
+    # struct timeval; a zero timeout would mean "wait forever", so never less than a millisecond
+    usec = max(1000, int(seconds * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("@ll", usec // 1000000, usec % 1000000))
+    return usec / 1e6
+
+
+def set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """SO_RCVTIMEO and SO_SNDTIMEO of ``sock``; on a listening socket (Linux) accepted sockets inherit them,
+    and a ``Channel`` given ``preset=seconds`` then sets none of its own."""
+    for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+        _setsockopt_timeo(sock, option, seconds)
 
 
 def _describe(exc: BaseException) -> str:

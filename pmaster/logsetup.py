@@ -215,11 +215,11 @@ _writer_lock = threading.Lock()
 
 
 def _writer() -> "queue.Queue":
-    if _writer_pid[0] != os.getpid():
+    if _writer_pid[0] != _pid[0]:
         with _writer_lock:
-            if _writer_pid[0] != os.getpid():
+            if _writer_pid[0] != _pid[0]:
                 threading.Thread(target=_write_loop, name="log-writer", daemon=True).start()
-                _writer_pid[0] = os.getpid()
+                _writer_pid[0] = _pid[0]
     return _queue
 
 

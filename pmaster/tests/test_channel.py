@@ -4,6 +4,7 @@ import hashlib
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
 import tracemalloc
@@ -165,6 +166,25 @@ def test_readline_times_out():
     assert 0.15 < time.monotonic() - start < 3
     ch.close()
     client.close()
+
+
+def test_accepted_socket_inherits_the_listeners_timeouts_and_still_times_out():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    channel_mod.set_kernel_timeouts(listener, 0.2)
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    usec = struct.unpack("@ll", server.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+    assert abs(usec[0] + usec[1] / 1e6 - 0.2) < 0.02  # Linux copies them at accept
+    ch = Channel(server, timeout=0.2, preset=0.2)
+    start = time.monotonic()
+    with pytest.raises(ChannelTimeout):
+        ch.readline()
+    assert 0.15 < time.monotonic() - start < 3
+    ch.close()
+    client.close()
+    listener.close()
 
 
 def test_slow_drip_line_is_bounded_by_one_timeout():

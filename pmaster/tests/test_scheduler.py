@@ -548,16 +548,22 @@ def test_new_message_and_rescan_do_not_read_deferred_messages_again(tmp_path):
         s.sched.stop(time.monotonic() + 5)
 
 
+def _commit_fresh(s: Setup):
+    """A message committed as the SMTP session does it: (its writer, with the stamp, and its envelope)."""
+    r = Recipient(address="a@x.test", original="a@x.test", mailer="pipe", target="rec")
+    with s.spool.writer() as w:
+        w.write(BODY)
+        env = Envelope(queue_id=w.queue_id, sender="alice@src.test", recipients=[r], arrival=s.clock(),
+                       size=len(BODY))
+        w.commit(env)
+    return w, env
+
+
 def test_message_notified_with_its_envelope_is_delivered_without_reading_it_back(tmp_path):
     s = _counting_setup(tmp_path)
     s.sched.start()
     try:
-        r = Recipient(address="a@x.test", original="a@x.test", mailer="pipe", target="rec")
-        with s.spool.writer() as w:
-            w.write(BODY)
-            env = Envelope(queue_id=w.queue_id, sender="alice@src.test", recipients=[r], arrival=s.clock(),
-                           size=len(BODY))
-            w.commit(env)
+        w, env = _commit_fresh(s)
         assert w.stamp == s.spool.stamp(w.queue_id)
         s.sched.notify(w.queue_id, (w.stamp, env))  # what the SMTP session does after its commit
         assert wait_for(lambda: not s.spool.exists(w.queue_id), 10)
@@ -569,12 +575,7 @@ def test_message_notified_with_its_envelope_is_delivered_without_reading_it_back
 
 def test_stale_envelope_handed_over_is_read_again_before_delivery(tmp_path):
     s = _counting_setup(tmp_path)
-    r = Recipient(address="a@x.test", original="a@x.test", mailer="pipe", target="rec")
-    with s.spool.writer() as w:
-        w.write(BODY)
-        env = Envelope(queue_id=w.queue_id, sender="alice@src.test", recipients=[r], arrival=s.clock(),
-                       size=len(BODY))
-        w.commit(env)
+    w, env = _commit_fresh(s)
     with s.spool.lock(w.queue_id):  # held before the scheduler plans from the copy it was handed
         held = s.spool.load(w.queue_id)
         held.held = True
