@@ -2,7 +2,8 @@
 
 API:
   ``Runtime``: what sessions share: the current ``Config`` and ``Router`` (swapped whole on reload), the
-     ``Spool``, TLS contexts, the session registry and a ``notify(queue_id, (stamp, envelope))`` hook that wakes the scheduler.
+     ``Spool``, TLS contexts, the session registry and a ``notify(queue_id, (stamp, envelope))`` hook that
+     wakes the scheduler (and hands it the envelope just committed).
   ``listen_addresses(smtpd) -> List[(family, sockaddr, label)]``: resolves ``listen-port`` values.
   ``Listener(runtime, ident, family, sockaddr)``: a bound server; ``serve_forever()`` in its own thread;
      ``idle_threads``: finished session threads kept for the next connection (ended by ``server_close``).
