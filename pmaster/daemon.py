@@ -34,7 +34,7 @@ import threading
 import time
 from typing import List, Optional, Set, Tuple
 
-from pmaster import logsetup, privileges
+from pmaster import affinity, logsetup, privileges
 from pmaster.config import Config, load
 from pmaster.errors import ConfigError, PmasterError
 from pmaster.mailers import relay
@@ -164,6 +164,7 @@ class Daemon:
         log.info("running as uid=%d gid=%d", os.getuid(), os.getgid())
 
     def launch(self) -> None:
+        affinity.pin_daemon()  # before the threads start: they inherit it
         mailers = Mailers(self.local_addresses)
         self.scheduler = Scheduler(lambda: self.runtime.config, self.runtime.spool, mailers, bounce_recipients)
         self.runtime.notify = self.scheduler.notify

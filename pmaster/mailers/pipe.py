@@ -35,6 +35,7 @@ import time
 from collections.abc import Sequence
 from typing import BinaryIO
 
+from pmaster import affinity
 from pmaster.config import PipeConfig
 from pmaster.envelope import Recipient, split_address
 from pmaster.mailers import OK, PERMFAIL, TEMPFAIL, Delivery, Result
@@ -259,9 +260,10 @@ def _run(argv: list[str], env: dict[str, str], delivery: Delivery, end: float, c
 def _spawn(argv: list[str], env: dict[str, str], delivery: Delivery, end: float, cwd: str,
            body: BinaryIO) -> Result:
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, env=env, cwd=cwd, close_fds=True,
-                                start_new_session=True)
+        with affinity.widened():  # the daemon's threads share one CPU; the program may use any
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, env=env, cwd=cwd, close_fds=True,
+                                    start_new_session=True)
     except (OSError, ValueError) as exc:
         # Popen reports a failed exec in the parent: a configuration problem, so defer (SPEC 5: 126/127).
         detail = getattr(exc, "strerror", None) or str(exc)
