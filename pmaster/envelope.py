@@ -84,7 +84,7 @@ class Envelope:
     sender: str  # '' for the null sender
     recipients: List[Recipient]
     arrival: float
-    size: int = 0
+    size: int = 0  # octets of body in the record (SpoolWriter.commit sets it)
     helo: str = ""
     client_address: str = ""
     client_name: str = ""

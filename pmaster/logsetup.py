@@ -223,6 +223,9 @@ def _writer() -> "queue.Queue":
     return _queue
 
 
+_GATHER_SECONDS = 0.02
+
+
 def _write_loop() -> None:
     """Write what is queued in batches: one wake-up and one flush per handler per batch, not per line."""
     while True:
@@ -249,6 +252,9 @@ def _write_loop() -> None:
                 pass
         for _ in batch:
             _queue.task_done()
+        # Let lines gather: a busy daemon logs 5 lines per message, and waking this thread for each one
+        # costs an interpreter-lock hand-off per line. A line waits at most this long.
+        time.sleep(_GATHER_SECONDS)
 
 
 def flush(timeout: float = 5.0) -> None:

@@ -641,13 +641,13 @@ class Scheduler:
             return self._keep(env, self._apply_results(env, job, results, config, now, elapsed), config, now, exc)
         with lock:
             try:
-                env = self._locked_envelope(job)
+                env, env_saved = self._locked_envelope(job)
             except SpoolError:
                 log.info("%s: removed during delivery", qid)
                 return _RELEASED if self.spool.exists(qid) else _GONE
             changed = self._apply_results(env, job, results, config, now, elapsed)
             newly_bounced = any(env.recipients[i].state == BOUNCED for i in changed)
-            if env.done() and not newly_bounced and self._remove(qid):
+            if env.done() and not newly_bounced and self._remove(qid, env_saved):
                 return _GONE  # nothing left to record: no save first (durable removal is enough)
             try:
                 self.spool.save(env)
@@ -658,8 +658,11 @@ class Scheduler:
             self._hand_back(env)
         return _RELEASED
 
-    def _locked_envelope(self, job: Job) -> Envelope:
-        """A fresh copy of the record (hold its lock): a copy of the one planned when the file is unchanged."""
+    def _locked_envelope(self, job: Job) -> Tuple[Envelope, bool]:
+        """A fresh copy of the record (hold its lock): a copy of the one planned when the file is unchanged.
+
+        Also says whether an ``ID.env`` may exist (False only when the stamp just proved it does not).
+        """
         planned = job.envelope
         if planned is not None and job.stamp is not None:
             try:
@@ -671,8 +674,8 @@ class Scheduler:
                 # what results change (the recipients), never modify it.
                 env = copy.copy(planned)
                 env.recipients = [copy.copy(r) for r in planned.recipients]
-                return env
-        return self.spool.load(job.queue_id)
+                return env, bool(job.stamp[0])
+        return self.spool.load(job.queue_id), True
 
     def _apply_results(self, env: Envelope, job: Job, results: List[Result], config: Config, now: float,
                        elapsed: float) -> List[int]:
@@ -793,9 +796,9 @@ class Scheduler:
             return
         log.error("%s: cannot record delivery results: %s (kept in memory, next try in %ds)", qid, exc, delay)
 
-    def _remove(self, qid: str) -> bool:
+    def _remove(self, qid: str, env_saved: bool = True) -> bool:
         try:
-            self.spool.remove(qid)
+            self.spool.remove(qid, env_saved)
         except SpoolError as exc:
             log.error("%s: cannot remove delivered message: %s", qid, exc)
             return False

@@ -5,8 +5,9 @@ API:
      ``Spool``, TLS contexts, the session registry and a ``notify(queue_id, (stamp, envelope))`` hook that
      wakes the scheduler (and hands it the envelope just committed).
   ``listen_addresses(smtpd) -> List[(family, sockaddr, label)]``: resolves ``listen-port`` values.
-  ``Listener(runtime, ident, family, sockaddr)``: a bound server; ``serve_forever()`` in its own thread;
-     ``idle_threads``: finished session threads kept for the next connection (ended by ``server_close``).
+  ``Listener(runtime, ident, family, sockaddr)``: a bound server; ``serve_forever()`` in its own thread,
+     ``shutdown()`` from another; ``idle_threads``: session threads waiting in accept() (at least one while
+     serving; they end at ``shutdown``/``server_close``).
   ``Session``: one SMTP conversation; per verb a check step (raises ``SmtpError``) and a proceed step.
 Invariants:
   - Replies are turned into bytes in one place, ``Session._send``; handlers raise ``SmtpError`` or return a
@@ -17,13 +18,15 @@ Invariants:
     DATA body is always read to its final dot, whatever fails while storing it, so no body line is ever
     taken for a command. A session that ends mid-DATA leaves nothing in the spool.
   - A session never takes the daemon down: any exception is logged and answered with 421.
-Threading: one thread per session at a time (finished session threads wait in a small per-listener pool
-  for the next connection); sessions share only ``Runtime``, whose config snapshot is read-only.
+Threading: one thread per session at a time; a thread accepts its connection itself and, when the session
+  ends, waits in accept() for the next (a small per-listener pool); sessions share only ``Runtime``, whose
+  config snapshot is read-only.
 Errors: ``listen_addresses`` and ``Listener`` raise ``PmasterError`` with one line naming the section and the
   address (unknown service, unresolvable host, port in use); the CLI prints it and exits non-zero.
 """
 
 import email.utils
+import errno
 import logging
 import socket
 import socketserver
@@ -196,8 +199,9 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.ident = ident
         self.label = label or str(sockaddr)
         self._pool_lock = threading.Lock()
-        self._idle: List[_Worker] = []
+        self._accepting = 0  # threads in (or on their way to) accept()
         self._pool_closed = False
+        self._serve_done = threading.Event()
         self.preset_timeout: Optional[float] = None
         socketserver.TCPServer.__init__(self, sockaddr, _Handler, bind_and_activate=False)
         try:
@@ -226,27 +230,97 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def handle_error(self, request, client_address) -> None:
         log.exception("[smtpd %s] unhandled error for client %s", self.ident, client_address)
 
-    # -- session threads: reused instead of one new thread per connection (thread creation costs a
-    # dozen system calls and several GIL hand-offs per message). Every connection still gets a thread
-    # at once (the registry answers 421 beyond the limits); only up to max_idle_threads wait for the next.
+    # -- session threads: each one blocks in accept() itself, runs the session it got, and goes back to
+    # accept() (at most max_idle_threads wait there). No thread hands connections over: a hand-off costs a
+    # wake-up and an interpreter-lock switch per connection. A thread that takes the last waiting place
+    # starts a new one first, so every connection still gets a thread at once (the registry answers 421
+    # beyond the limits). Linux wakes one waiter per connection, and shutdown(SHUT_RD) on the listening
+    # socket wakes them all.
 
     max_idle_threads = 64
 
-    def process_request(self, request, client_address) -> None:
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until ``shutdown()``: the calling thread is the first of the accepting threads."""
         with self._pool_lock:
-            worker = self._idle.pop() if self._idle else None
-        if worker is not None:
-            worker.give((request, client_address))
-            return
-        worker = _Worker(self, (request, client_address))
-        t = threading.Thread(target=worker.run, name="smtpd:%s" % self.ident, daemon=True)
-        t.start()
+            if self._pool_closed:
+                return
+            self._accepting += 1
+        self._accept_loop()
+        self._serve_done.wait()
+
+    def shutdown(self) -> None:
+        """Stop accepting (sessions already open go on) and wait until no thread is left in accept()."""
+        with self._pool_lock:
+            self._pool_closed = True
+            self._check_done()
+        try:
+            self.socket.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        self._serve_done.wait(10.0)
+
+    def _accept_loop(self) -> None:
+        sock = self.socket
+        while True:
+            try:
+                request, client_address = sock.accept()
+            except OSError as exc:
+                if self._leave_if_closed():
+                    return
+                if exc.errno == errno.EMFILE or exc.errno == errno.ENFILE or exc.errno == errno.ENOBUFS:
+                    log.error("[smtpd %s] cannot accept: %s", self.ident, exc.strerror)
+                    time.sleep(0.1)  # out of descriptors: give sessions time to end
+                continue  # EAGAIN (the inherited SO_RCVTIMEO), EINTR, ECONNABORTED
+            with self._pool_lock:
+                self._accepting -= 1
+                grow = self._accepting == 0 and not self._pool_closed
+                if grow:
+                    self._accepting += 1
+            if grow:
+                self._start_acceptor()
+            self._serve(request, client_address)
+            request = client_address = None  # a waiting thread keeps nothing of its last connection
+            with self._pool_lock:
+                if self._pool_closed or self._accepting >= self.max_idle_threads:
+                    self._check_done()
+                    return
+                self._accepting += 1
+
+    def _leave_if_closed(self) -> bool:
+        with self._pool_lock:
+            if not self._pool_closed:
+                return False
+            self._accepting -= 1
+            self._check_done()
+            return True
+
+    def _check_done(self) -> None:
+        """With ``_pool_lock`` held: the last accepting thread of a closed listener signals ``shutdown``."""
+        if self._pool_closed and self._accepting == 0:
+            self._serve_done.set()
+
+    def _start_acceptor(self) -> None:
+        t = threading.Thread(target=self._accept_loop, name="smtpd:%s" % self.ident, daemon=True)
+        try:
+            t.start()
+        except RuntimeError as exc:  # no more threads: the next connection waits for a session to end
+            log.error("[smtpd %s] cannot start a session thread: %s", self.ident, exc)
+            with self._pool_lock:
+                self._accepting -= 1
+
+    def _serve(self, request: socket.socket, client_address: tuple) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
 
     @property
     def idle_threads(self) -> int:
-        """Session threads waiting for the next connection."""
+        """Session threads waiting in accept() for the next connection."""
         with self._pool_lock:
-            return len(self._idle)
+            return self._accepting
 
     def shutdown_request(self, request) -> None:
         if request.fileno() < 0:
@@ -254,51 +328,14 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         socketserver.TCPServer.shutdown_request(self, request)
 
     def server_close(self) -> None:
-        socketserver.TCPServer.server_close(self)
         with self._pool_lock:
             self._pool_closed = True
-            idle, self._idle = self._idle, []
-        for worker in idle:
-            worker.give(None)
-
-    def _park(self, worker: "_Worker") -> bool:
-        """A worker finished its session: keep it for the next connection unless the pool is full or closed."""
-        with self._pool_lock:
-            if self._pool_closed or len(self._idle) >= self.max_idle_threads:
-                return False
-            self._idle.append(worker)
-            return True
-
-
-class _Worker:
-    """One reusable session thread: runs a connection, then waits (on a lock of its own) for the next."""
-
-    def __init__(self, server: Listener, job: Optional[tuple]):
-        self._server = server
-        self._job = job
-        self._ready = threading.Lock()
-        self._ready.acquire()  # released by give()
-
-    def give(self, job: Optional[tuple]) -> None:
-        """Hand over (request, client_address), or None to make the thread end."""
-        self._job = job
-        self._ready.release()
-
-    def run(self) -> None:
-        server = self._server
-        while self._job is not None:
-            request, client_address = self._job
-            self._job = None
-            try:
-                server.finish_request(request, client_address)
-            except Exception:
-                server.handle_error(request, client_address)
-            finally:
-                server.shutdown_request(request)
-            request = client_address = None  # a parked thread keeps nothing of its last connection
-            if not server._park(self):
-                return
-            self._ready.acquire()
+            self._check_done()
+        try:
+            self.socket.shutdown(socket.SHUT_RD)  # wake the threads in accept(): they see the closed pool
+        except OSError:
+            pass
+        socketserver.TCPServer.server_close(self)
 
 
 class _Handler(socketserver.BaseRequestHandler):

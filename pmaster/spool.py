@@ -119,6 +119,36 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class _DirSync:
+    """fsync of one directory through a descriptor kept open: two system calls fewer per message."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._open_lock = threading.Lock()
+
+    def __call__(self) -> None:
+        fd = self._fd
+        if fd is None:
+            with self._open_lock:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_DIRECTORY", 0))
+                fd = self._fd
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # as in _fsync_dir
+                raise
+
+    def __del__(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def _read_file(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -384,7 +414,8 @@ class Spool:
         self.directory = os.path.abspath(directory)
         self._queue_dir = os.path.join(self.directory, QUEUE)
         self._group_commit = group_commit
-        self._queue_sync = GroupSync(lambda: _fsync_dir(self._queue_dir))
+        self._queue_dir_sync = _DirSync(self._queue_dir)
+        self._queue_sync = GroupSync(self._queue_dir_sync)
         self._free_cache: tuple[float, int] | None = None
         self._create_directories()
         self._check_version()
@@ -430,7 +461,7 @@ class Spool:
         if self._group_commit:
             self._queue_sync.sync()
         else:
-            _fsync_dir(self._queue_dir)
+            self._queue_dir_sync()
 
     def _write_temp(self, data: bytes, stem: str) -> str:
         """Write ``data`` to a new fsynced file in ``tmp/`` and return its path; nothing is left on failure."""
@@ -479,8 +510,12 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"{qid}: cannot save envelope: {exc}") from exc
 
-    def remove(self, qid: str) -> None:
-        """Delete a message: the record first (then it is gone), the saved envelope second."""
+    def remove(self, qid: str, env_saved: bool = True) -> None:
+        """Delete a message: the record first (then it is gone), the saved envelope second.
+
+        ``env_saved=False``: the caller holds the lock and its ``stamp`` showed no ``ID.env`` (saves need the
+        lock, so none appeared since): one unlink fewer.
+        """
         body_path = self._path(QUEUE, qid, BODY_SUFFIX)
         env_path = self._path(QUEUE, qid, ENV_SUFFIX)
         try:
@@ -489,7 +524,8 @@ class Spool:
             except FileNotFoundError:
                 _unlink_quietly(env_path)  # what an interrupted removal may have left
                 raise QueueIdError(f"{qid}: no such message") from None
-            _unlink_quietly(env_path)
+            if env_saved:
+                _unlink_quietly(env_path)
             # Durable removal: otherwise a crash could bring a delivered message back.
             self._sync_queue_dir()
         except QueueIdError:
@@ -759,6 +795,7 @@ class SpoolWriter:
             raise SpoolError(f"{self.queue_id}: commit after commit or abort")
         spool = self._spool
         body_dst = spool._path(QUEUE, self.queue_id, BODY_SUFFIX)
+        env.size = self.size  # readers (the relay's SIZE=) take the body's length from the envelope
         try:
             # The envelope rides in the same file: one inode and one fsync per message (ext4 pays dearly
             # for every inode it allocates while many were freed recently).

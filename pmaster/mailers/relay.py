@@ -576,7 +576,8 @@ class _Job:
     def prepare(self) -> Optional[_Failure]:
         """Local checks before any connection: the body, the password, the TLS context, the sender."""
         try:
-            self.size = body_file_size(self.delivery.body_path)
+            # The record's envelope carries the body's length (SpoolWriter.commit): no read for it.
+            self.size = self.delivery.envelope.size or body_file_size(self.delivery.body_path)
         except OSError as exc:
             return _Failure("cannot read the spool body: %s" % exc.strerror, "4.3.0")
         sender = self.delivery.envelope.sender
@@ -765,9 +766,11 @@ class _Session:
             if left <= 0:
                 raise _Deadline()
             seconds = min(seconds, left)
-        if self.client.sock is None:
+        sock = self.client.sock
+        if sock is None:
             raise _Lost("connection closed")
-        self.client.sock.settimeout(seconds)
+        if sock.gettimeout() != seconds:  # settimeout is a system call even when nothing changes
+            sock.settimeout(seconds)
 
     def call(self, seconds: float, fn: Callable, *args) -> Tuple[int, str]:
         """Run one smtplib step with a timeout; returns (code, "CODE TEXT")."""

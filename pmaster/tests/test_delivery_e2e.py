@@ -167,6 +167,7 @@ def test_451_then_success_is_delivered_exactly_once(daemon):
         assert len(sink.messages) == 1 and len(sink.transactions) == 2
         statuses = [entry[3] for entry in delivery_lines(d) if entry[1] == "bob@x.test"]
         assert statuses == ["deferred", "sent"]
+        assert wait_for(lambda: d.spool_files("queue") == [], 5)  # the envelope saved at the deferral too
 
 
 def test_550_gives_one_delivery_report_with_the_remote_text(daemon):

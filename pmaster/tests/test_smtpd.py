@@ -581,16 +581,35 @@ def test_session_threads_are_reused_for_later_connections(server):
     for i in range(5):
         with server.client() as c:
             assert code(c.cmd("QUIT")) == "221 2.0.0"
-        assert wait_for(lambda: server.server.idle_threads == 1), "no thread waiting after session %d" % i
+        assert wait_for(lambda: server.server.idle_threads == 2), "no thread waiting after session %d" % i
         if i == 0:
             threads = threading.active_count()
     assert threading.active_count() <= threads
 
 
+def test_threads_waiting_in_accept_outlive_the_inherited_timeout(tmp_path):
+    # The listening socket carries the command timeout for its sessions (SO_RCVTIMEO): accept() gives up
+    # after it too, and the waiting threads must simply wait again.
+    with serve(tmp_path, timeout="1s") as srv:
+        time.sleep(2.5)
+        with srv.client() as c:
+            assert code(c.cmd("QUIT")) == "221 2.0.0"
+
+
+def test_every_concurrent_connection_gets_a_session_at_once(server):
+    clients = [server.client() for _ in range(8)]  # each one waits for its greeting: all sessions at once
+    try:
+        for c in clients:
+            assert code(c.cmd("NOOP")) == "250 2.0.0"
+    finally:
+        for c in clients:
+            c.close()
+
+
 def test_idle_session_threads_end_when_the_listener_closes(server):
     with server.client() as c:
         assert code(c.cmd("QUIT")) == "221 2.0.0"
-    assert wait_for(lambda: server.server.idle_threads == 1)
+    assert wait_for(lambda: server.server.idle_threads == 2)
     threads = threading.active_count()
     server.server.shutdown()
     server.server.server_close()

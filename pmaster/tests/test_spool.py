@@ -381,6 +381,35 @@ def test_remove_deletes_both_files(tmp_path):
         spool.remove(env.queue_id)
 
 
+def test_remove_of_a_message_never_saved_needs_no_envelope_file(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    with spool.lock(env.queue_id):
+        assert spool.stamp(env.queue_id)[0] == 0  # what lets the scheduler pass env_saved=False
+        spool.remove(env.queue_id, env_saved=False)
+    assert spool.ids() == [] and listing(spool, "queue") == []
+
+
+def test_commit_records_the_body_length_as_the_envelope_size(tmp_path):
+    spool = Spool(str(tmp_path))
+    with spool.writer() as w:
+        w.write(b"Received: by us\r\n")
+        w.write(b"Subject: hi\r\n\r\nhello\r\n")
+        env = make_env(w.queue_id, size=5)
+        w.commit(env)
+    assert env.size == body_file_size(spool.body_path(env.queue_id)) == 17 + 22
+    assert spool.load(env.queue_id).size == 39
+
+
+def test_commits_reuse_one_descriptor_for_the_queue_directory(tmp_path):
+    spool = Spool(str(tmp_path))
+    store(spool)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        store(spool)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_load_of_unknown_id_is_a_queue_id_error(tmp_path):
     with pytest.raises(QueueIdError):
         Spool(str(tmp_path)).load(new_queue_id())
