@@ -98,7 +98,7 @@ class Daemon:
 
     def start(self) -> None:
         config = self.config
-        spool = Spool(config.core.spool_directory)
+        spool = Spool(config.core.spool_directory, recycle=True)
         self.runtime = Runtime(config, spool)
         self.runtime.load_tls()
         self.bind()

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from pmaster import spool as spool_module
 from pmaster.envelope import Envelope, Recipient
 from pmaster.errors import QueueIdError, SpoolError
 from pmaster.spool import GroupSync, Spool, body_file_size, new_queue_id, open_body_file, record_trailer, valid_queue_id
@@ -53,7 +54,7 @@ def run_threads(target, count):
 
 def test_spool_creates_private_subdirectories(tmp_path):
     spool = Spool(str(tmp_path / "spool"))
-    for sub in ("tmp", "queue", "corrupt"):
+    for sub in ("tmp", "queue", "corrupt", "free"):
         assert os.stat(os.path.join(spool.directory, sub)).st_mode & 0o777 == 0o700
 
 
@@ -165,6 +166,7 @@ def test_commit_refuses_envelope_of_another_message(tmp_path):
 
 FSIZE_SCRIPT = r"""
 import resource, signal, sys
+from pmaster import spool as spool_module
 from pmaster.envelope import Envelope, Recipient
 from pmaster.errors import SpoolError
 from pmaster.spool import Spool
@@ -408,6 +410,74 @@ def test_commits_reuse_one_descriptor_for_the_queue_directory(tmp_path):
     for _ in range(20):
         store(spool)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+# -- reusing removed records (the daemon's spool) -----------------------------------------------------
+
+def test_a_spool_that_does_not_recycle_unlinks_removed_records(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    with spool.lock(env.queue_id):
+        spool.remove(env.queue_id)
+    assert listing(spool, "queue") == [] and listing(spool, "free") == []
+
+
+def test_a_recycling_spool_keeps_removed_records_emptied_in_free(tmp_path):
+    spool = Spool(str(tmp_path), recycle=True)
+    env = store(spool, body=b"Subject: secret\r\n\r\ndelivered\r\n")
+    with spool.lock(env.queue_id):
+        spool.remove(env.queue_id)
+    assert spool.ids() == [] and listing(spool, "queue") == []
+    (kept,) = listing(spool, "free")
+    assert os.path.getsize(os.path.join(spool.directory, "free", kept)) == 0
+    with pytest.raises(QueueIdError):
+        spool.load(env.queue_id)
+
+
+def test_a_rested_record_file_becomes_the_next_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_module, "_RECYCLE_AGE", 0.0)
+    spool = Spool(str(tmp_path), recycle=True)
+    old = store(spool, body=b"Subject: old\r\n\r\n" + b"x" * 5000 + b"\r\n")
+    inode = os.stat(spool.body_path(old.queue_id)).st_ino
+    with spool.lock(old.queue_id):
+        spool.remove(old.queue_id)
+    new = store(spool, body=b"Subject: new\r\n\r\nshort\r\n")
+    assert os.stat(spool.body_path(new.queue_id)).st_ino == inode
+    assert listing(spool, "free") == []
+    with spool.open_body(new.queue_id) as f:
+        assert f.read() == b"Subject: new\r\n\r\nshort\r\n"
+    assert spool.load(new.queue_id).sender == new.sender
+
+
+def test_a_removed_record_rests_before_reuse(tmp_path):
+    spool = Spool(str(tmp_path), recycle=True)
+    old = store(spool)
+    inode = os.stat(spool.body_path(old.queue_id)).st_ino
+    with spool.lock(old.queue_id):
+        spool.remove(old.queue_id)
+    new = store(spool)  # at once: whoever still reads the old record must not see this one
+    assert os.stat(spool.body_path(new.queue_id)).st_ino != inode
+    assert len(listing(spool, "free")) == 1
+
+
+def test_a_full_pool_unlinks(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_module, "_RECYCLE_MAX", 1)
+    spool = Spool(str(tmp_path), recycle=True)
+    envs = [store(spool) for _ in range(3)]
+    for env in envs:
+        with spool.lock(env.queue_id):
+            spool.remove(env.queue_id)
+    assert listing(spool, "queue") == [] and len(listing(spool, "free")) == 1
+
+
+def test_files_kept_by_the_last_run_are_deleted_at_start(tmp_path):
+    spool = Spool(str(tmp_path), recycle=True)
+    env = store(spool)
+    with spool.lock(env.queue_id):
+        spool.remove(env.queue_id)
+    assert len(listing(spool, "free")) == 1
+    Spool(str(tmp_path), recycle=True)
+    assert listing(spool, "free") == []
 
 
 def test_load_of_unknown_id_is_a_queue_id_error(tmp_path):
