@@ -328,6 +328,11 @@ def _setsockopt_timeo(sock: socket.socket, option: int, seconds: float) -> float
     return usec / 1e6
 
 
+def set_kernel_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    """SO_RCVTIMEO or SO_SNDTIMEO of ``sock`` (a blocking socket then fails with EAGAIN after it)."""
+    _setsockopt_timeo(sock, option, seconds)
+
+
 def set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
     """SO_RCVTIMEO and SO_SNDTIMEO of ``sock``; on a listening socket (Linux) accepted sockets inherit them,
     and a ``Channel`` given ``preset=seconds`` then sets none of its own."""

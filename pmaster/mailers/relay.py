@@ -56,6 +56,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
+from pmaster.channel import set_kernel_timeout
 from pmaster.config import RelayConfig
 from pmaster.dnsresolve import DnsTempError, NoSuchDomain, NullMX, Resolver
 from pmaster.envelope import Recipient, split_address
@@ -69,6 +70,7 @@ MX_PORT = 25  # port for MX delivery; tests pass mx_port (MX records cannot carr
 SKIP_SECONDS = 300.0  # a host that refused a connection is not tried again for this long (SPEC 5)
 MAX_CONNECTIONS = 5  # connection attempts per delivery, like Postfix's smtp_mx_address_limit
 CHUNK = 64 * 1024  # body bytes read and sent at a time
+_TIMEOUT_SLACK = 0.05  # a failure this close to the armed timeout's end is that timeout
 # Connection cache limits, after Postfix's smtp_connection_cache_time_limit and smtp_connection_reuse_*.
 IDLE_SECONDS = 2.0  # a parked session unused for this long is closed
 REUSE_LIMIT = 100  # transactions per connection
@@ -142,6 +144,8 @@ class _Parked:
     uses: int = 0  # transactions begun on it (MAIL accepted)
     since: float = 0.0  # cache clock when parked
     rset_due: bool = False  # parked without RSET: send it (and want 250) before the next MAIL
+    armed_recv: float = -1.0  # the kernel timeouts now set on its socket (SO_RCVTIMEO, SO_SNDTIMEO)
+    armed_send: float = -1.0
 
 
 class ConnectionCache:
@@ -756,10 +760,12 @@ class _Session:
         self.clean = False  # the last command got its final reply and no transaction is open: parkable
         self.rcpts_answered = False  # some RCPT of this transaction got its own reply: no next host now
         self.parked = False
+        self.armed_until = 0.0  # time.monotonic() when the timeout armed last runs out
 
     # low-level steps
 
-    def arm(self, seconds: float) -> None:
+    def arm(self, seconds: float, sending: bool = False) -> None:
+        """Time limit for the next step: reading a reply, or with ``sending`` writing message data."""
         deadline = self.job.delivery.deadline
         if deadline is not None:
             left = deadline - time.monotonic()
@@ -769,8 +775,30 @@ class _Session:
         sock = self.client.sock
         if sock is None:
             raise _Lost("connection closed")
-        if sock.gettimeout() != seconds:  # settimeout is a system call even when nothing changes
-            sock.settimeout(seconds)
+        self.armed_until = time.monotonic() + seconds
+        if isinstance(sock, ssl.SSLSocket):
+            # Python's ssl retries a blocking read that the kernel timed out, forever: Python timeouts here.
+            if sock.gettimeout() != seconds:
+                sock.settimeout(seconds)
+            return
+        # Kernel timeouts on a blocking socket, each set only when it changes: Python's own socket timeout
+        # costs a poll() before every read and write and an ioctl per change. Reads (replies) and writes
+        # (message data) have separate ones; a command is too short to wait for room to write it, so its
+        # write runs under the data timeout, which is set at the first step.
+        if sock.gettimeout() is not None:
+            sock.settimeout(None)
+        conn = self.conn
+        try:
+            if sending or conn.armed_send < 0:
+                value = seconds if sending else self.t.data_block
+                if conn.armed_send != value:
+                    set_kernel_timeout(sock, socket.SO_SNDTIMEO, value)
+                    conn.armed_send = value
+            if not sending and conn.armed_recv != seconds:
+                set_kernel_timeout(sock, socket.SO_RCVTIMEO, seconds)
+                conn.armed_recv = seconds
+        except (OSError, ValueError) as exc:
+            raise _Lost(_strerror(exc)) from None
 
     def call(self, seconds: float, fn: Callable, *args) -> Tuple[int, str]:
         """Run one smtplib step with a timeout; returns (code, "CODE TEXT")."""
@@ -780,8 +808,13 @@ class _Session:
         except (smtplib.SMTPException, OSError) as exc:
             if self.job.expired():
                 raise _Deadline() from None
-            raise _Lost(_lost_text(exc)) from None
+            raise _Lost(self.timed_out() or _lost_text(exc)) from None
         return code, _reply_text(code, msg)
+
+    def timed_out(self) -> str:
+        """"timed out" once the armed timeout has run out: a kernel timeout shows as EAGAIN, or as an end of
+        file through smtplib's reader, not as ``socket.timeout``."""
+        return "timed out" if time.monotonic() >= self.armed_until - _TIMEOUT_SLACK else ""
 
     def cmd(self, seconds: float, verb: str, args: str = "") -> Tuple[int, str]:
         return self.call(seconds, self.client.docmd, verb, args)
@@ -904,6 +937,7 @@ class _Session:
         ctx = self.job.tls_context
         assert ctx is not None
         self.arm(self.t.command)
+        self.client.sock.settimeout(self.t.command)  # TLS sockets keep Python timeouts (see ``arm``)
         try:
             self.client.sock = ctx.wrap_socket(self.client.sock, server_hostname=self.target.name)
         except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
@@ -1029,7 +1063,7 @@ class _Session:
             lines = ["MAIL " + self.mail_args()] + ["RCPT TO:<%s>" % self.rcpts[i].address for i in sendable]
             rset = self.conn.rset_due
             try:
-                self.arm(self.t.command)
+                self.arm(self.t.data_block, sending=True)  # the replies arm their own timeouts
                 self.client.send("".join(line + "\r\n" for line in (["RSET"] if rset else []) + lines + ["DATA"]))
             except (smtplib.SMTPException, OSError) as exc:
                 raise on_lost_mail(_Lost(_lost_text(exc))) from None
@@ -1140,13 +1174,13 @@ class _Session:
         self.sendall(pending + (b".\r\n" if at_line_start else b"\r\n.\r\n"))
 
     def sendall(self, data: bytes) -> None:
-        self.arm(self.t.data_block)
+        self.arm(self.t.data_block, sending=True)
         try:
             self.client.sock.sendall(data)  # type: ignore[union-attr]
         except OSError as exc:
             if self.job.expired():
                 raise _Deadline() from None
-            raise _Lost(_strerror(exc)) from None
+            raise _Lost(self.timed_out() or _strerror(exc)) from None
 
     def quit(self) -> None:
         try:

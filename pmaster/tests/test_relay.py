@@ -1088,3 +1088,65 @@ def test_pipelined_mail_refusal_is_a_session_failure_and_the_next_host_is_tried(
         results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(first), hostport(second)))
     assert statuses(results) == [OK]
     assert first.messages == [] and len(second.messages) == 1
+
+
+# -- timeouts: kernel timeouts on plain sockets, Python timeouts once TLS is on --------------------------
+
+SHORT = relay.Timeouts(connect=2, command=0.5, data_init=0.5, data_block=0.5, data_end=0.5, quit=0.5)
+
+
+class _SilentAfter:
+    """A server that follows a script of (expected line prefix, reply) and then reads and never answers."""
+
+    def __init__(self, script):
+        self.script = script
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(5)
+        self.address = self.listener.getsockname()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(10)
+            f = conn.makefile("rb")
+            conn.sendall(b"220 silent.test ESMTP\r\n")
+            for prefix, reply in self.script:
+                line = f.readline()
+                assert line.upper().startswith(prefix), line
+                conn.sendall(reply)
+            self.done.wait(10)  # reads nothing more, answers nothing more
+
+    def close(self):
+        self.done.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def test_a_server_silent_after_mail_data_defers_as_timed_out(tmp_path):
+    server = _SilentAfter([(b"EHLO", b"250 silent.test\r\n")])
+    try:
+        started = time.monotonic()
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=("127.0.0.1:%d" % server.address[1],),
+                       timeouts=SHORT)
+    finally:
+        server.close()
+    assert statuses(results) == [TEMPFAIL]
+    assert "timed out" in results[0].reply
+    assert time.monotonic() - started < 5
+
+
+def test_a_server_silent_in_the_tls_handshake_defers_in_time(tmp_path, ca_file):
+    server = _SilentAfter([(b"EHLO", b"250-silent.test\r\n250 STARTTLS\r\n"), (b"STARTTLS", b"220 2.0.0 go\r\n")])
+    try:
+        cfg = RelayConfig("smart", "smart", addresses=("127.0.0.1:%d" % server.address[1],), tls="required",
+                          tls_ca_file=ca_file)
+        started = time.monotonic()
+        results = send(make_delivery(tmp_path, ["a@x.test"]), relay_cfg=cfg, timeouts=SHORT)
+    finally:
+        server.close()
+    assert statuses(results) == [TEMPFAIL]
+    assert time.monotonic() - started < 5
