@@ -254,7 +254,8 @@ def _write_loop() -> None:
             _queue.task_done()
         # Let lines gather: a busy daemon logs 5 lines per message, and waking this thread for each one
         # costs an interpreter-lock hand-off per line. A line waits at most this long.
-        time.sleep(_GATHER_SECONDS)
+        if len(batch) < 512:
+            time.sleep(_GATHER_SECONDS)
 
 
 def flush(timeout: float = 5.0) -> None:

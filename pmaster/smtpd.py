@@ -276,6 +276,7 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 grow = self._accepting == 0 and not self._pool_closed
                 if grow:
                     self._accepting += 1
+                self._check_done()  # closed while this thread was accepting: it no longer counts
             if grow:
                 self._start_acceptor()
             self._serve(request, client_address)
@@ -307,6 +308,7 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
             log.error("[smtpd %s] cannot start a session thread: %s", self.ident, exc)
             with self._pool_lock:
                 self._accepting -= 1
+                self._check_done()
 
     def _serve(self, request: socket.socket, client_address: tuple) -> None:
         try:

@@ -235,6 +235,10 @@ class _BodyRaw(io.RawIOBase):
         if n <= 0:
             return 0
         got = os.readv(self._fd, [memoryview(buffer)[:n]])
+        if got == 0:
+            # Shorter than its footer said: removed and emptied under us. Never let a mailer take the
+            # part read so far for the whole message.
+            raise OSError(errno.EIO, "spool record ended %d octets before its body's end" % self._left)
         self._left -= got
         return got
 
@@ -425,9 +429,23 @@ class _Recycler:
         self._lock = threading.Lock()
         self._entries: collections.deque[tuple[float, str]] = collections.deque()
         # What the last run kept is deleted, not reused: after a crash a file system without a journal
-        # may still show a name here for an inode that went on to become a queued record.
+        # may still show a name here for an inode that went on to become a queued record, so a name that
+        # shares an inode with a queued file is only dropped from free/ when the link count allows it.
+        queued = set()
+        with os.scandir(os.path.join(os.path.dirname(directory), QUEUE)) as entries:
+            for entry in entries:
+                queued.add(entry.inode())
         for name in os.listdir(directory):
-            _unlink_quietly(os.path.join(directory, name))
+            path = os.path.join(directory, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if st.st_ino in queued and st.st_nlink < 2:
+                log.error("%s shares its inode with a queued message and a link count of 1: left alone "
+                          "(run fsck on the spool's file system)", path)
+                continue
+            _unlink_quietly(path)
 
     def take(self, path: str) -> int | None:
         """Move a kept file to ``path`` and open it, empty, for writing; None when none is ready."""
@@ -604,8 +622,14 @@ class Spool:
 
     def _discard(self, record_path: str) -> None:
         """Take a record out of ``queue/``: kept for reuse when recycling, else unlinked."""
-        if self._recycler is not None and self._recycler.keep(record_path):
-            return
+        if self._recycler is not None:
+            try:
+                if self._recycler.keep(record_path):
+                    return
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                log.warning("cannot keep %s for reuse: %s (deleting it)", record_path, exc)
         os.unlink(record_path)
 
     # -- reading --------------------------------------------------------------------------------------

@@ -784,16 +784,16 @@ class _Session:
         # Kernel timeouts on a blocking socket, each set only when it changes: Python's own socket timeout
         # costs a poll() before every read and write and an ioctl per change. Reads (replies) and writes
         # (message data) have separate ones; a command is too short to wait for room to write it, so its
-        # write runs under the data timeout, which is set at the first step.
+        # write runs under the data timeout.
         if sock.gettimeout() is not None:
             sock.settimeout(None)
         conn = self.conn
         try:
-            if sending or conn.armed_send < 0:
-                value = seconds if sending else self.t.data_block
-                if conn.armed_send != value:
-                    set_kernel_timeout(sock, socket.SO_SNDTIMEO, value)
-                    conn.armed_send = value
+            # Commands write under the data timeout, capped by the deadline (when shutting down).
+            value = seconds if sending else self.t.data_block if deadline is None else min(self.t.data_block, left)
+            if conn.armed_send != value:
+                set_kernel_timeout(sock, socket.SO_SNDTIMEO, value)
+                conn.armed_send = value
             if not sending and conn.armed_recv != seconds:
                 set_kernel_timeout(sock, socket.SO_RCVTIMEO, seconds)
                 conn.armed_recv = seconds
@@ -1065,8 +1065,10 @@ class _Session:
             try:
                 self.arm(self.t.data_block, sending=True)  # the replies arm their own timeouts
                 self.client.send("".join(line + "\r\n" for line in (["RSET"] if rset else []) + lines + ["DATA"]))
+            except _Lost as exc:
+                raise on_lost_mail(exc) from None
             except (smtplib.SMTPException, OSError) as exc:
-                raise on_lost_mail(_Lost(_lost_text(exc))) from None
+                raise on_lost_mail(_Lost(self.timed_out() or _lost_text(exc))) from None
             try:
                 if rset:
                     self.rset_reply(self.call(self.t.rset, self.client.getreply))

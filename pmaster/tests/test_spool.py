@@ -480,6 +480,25 @@ def test_files_kept_by_the_last_run_are_deleted_at_start(tmp_path):
     assert listing(spool, "free") == []
 
 
+def test_a_body_reader_of_a_record_emptied_under_it_fails_instead_of_ending_early(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool, body=b"Subject: long\r\n\r\n" + b"y" * 200000 + b"\r\n")
+    with spool.open_body(env.queue_id) as f:
+        assert f.read(9) == b"Subject: "
+        os.truncate(spool.body_path(env.queue_id), 0)
+        with pytest.raises(OSError):
+            f.read()
+
+
+def test_a_free_name_linked_to_a_queued_record_goes_and_the_record_stays(tmp_path):
+    spool = Spool(str(tmp_path), recycle=True)
+    env = store(spool)
+    os.link(spool.body_path(env.queue_id), os.path.join(spool.directory, "free", new_queue_id()))
+    Spool(str(tmp_path), recycle=True)
+    assert listing(spool, "free") == []
+    assert spool.load(env.queue_id).queue_id == env.queue_id
+
+
 def test_load_of_unknown_id_is_a_queue_id_error(tmp_path):
     with pytest.raises(QueueIdError):
         Spool(str(tmp_path)).load(new_queue_id())
