@@ -48,6 +48,7 @@ log = logging.getLogger("pmaster.daemon")
 
 DRAIN_SECONDS = 30.0
 CHILD_GRACE_SECONDS = 2.0  # after the drain: how long killed mailer children get to be recorded as deferred
+REMOVAL_SYNC_WAIT = 10.0  # at exit: how long the last removals get to reach the disk
 
 # Changing these needs a restart: the spool, pid file and privileges are fixed at start.
 _RESTART_ONLY = ("spool_directory", "pid_file", "user_id", "group_id", "workers")
@@ -98,7 +99,7 @@ class Daemon:
 
     def start(self) -> None:
         config = self.config
-        spool = Spool(config.core.spool_directory, recycle=True)
+        spool = Spool(config.core.spool_directory, recycle=True, background_removals=True)
         self.runtime = Runtime(config, spool)
         self.runtime.load_tls()
         self.bind()
@@ -281,6 +282,8 @@ class Daemon:
         if self.runtime.active_sessions():
             log.warning("stopping with %d session(s) still open", self.runtime.active_sessions())
         self.stop_scheduler(deadline)
+        if not self.runtime.spool.wait_removals_synced(REMOVAL_SYNC_WAIT):
+            log.error("the removals of delivered messages are not all on disk yet")
         relay.close_cached()  # QUIT the SMTP sessions kept for reuse, now that no delivery needs them
         if self.metrics_server is not None:
             self.metrics_server.stop()

@@ -3,8 +3,10 @@
 API:
   ``new_queue_id() -> str``: a fresh id: 13 hex digits of microseconds since the epoch, then 5 random
     characters; ``[0-9A-Z]`` only, so it is safe as a file name and sorts by arrival.
-  ``Spool(directory, recycle=False)``: creates ``tmp/ queue/ corrupt/ free/`` (mode 0o700) and a
-    ``VERSION`` marker; ``recycle=True`` (the daemon) reuses removed records' files (see ``_Recycler``).
+  ``Spool(directory, recycle=False, background_removals=False)``: creates ``tmp/ queue/ corrupt/ free/``
+    (mode 0o700) and a ``VERSION`` marker; ``recycle=True`` (the daemon) reuses removed records' files (see
+    ``_Recycler``); ``background_removals=True`` (the daemon) makes ``remove`` return before the directory
+    fsync that makes it durable, which a thread of the spool runs at once (``wait_removals_synced``).
     ``writer()`` starts a message (``SpoolWriter``: ``write``, ``commit``, ``abort``, ``stamp`` after the
     commit; a context manager);
     ``ids()``, ``load(qid)``, ``save(env)``, ``stamp(qid)``, ``body_path(qid)``, ``open_body(qid)``,
@@ -78,7 +80,8 @@ _ALLOCATE_TRIES = 100
 _LOCK_POLL = 0.02
 _WRITE_BUFFER = 64 * 1024
 _RECYCLE_AGE = 5.0  # seconds a removed record rests before reuse: whoever had it open is done with it by then
-_RECYCLE_MAX = 4096  # records kept for reuse at most; beyond that a removal unlinks
+_RECYCLE_MAX = 4096
+_RIDE_ALONG_WAIT = 0.02  # a removal waits this long for a commit's directory fsync before its own  # records kept for reuse at most; beyond that a removal unlinks
 
 _id_lock = threading.Lock()
 _id_last_us = 0
@@ -308,6 +311,22 @@ class GroupSync:
             raise failure
         return need
 
+    def ticket(self) -> int:
+        """The generation of the first sync that will start after now (for ``wait_covered``)."""
+        with self._cond:
+            return self._started + 1
+
+    def wait_covered(self, ticket: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` for another caller's sync of generation ``ticket`` or later to succeed."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._completed < ticket:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return self._completed not in self._failures
+
     def _lead(self) -> None:
         """Run one sync with the condition released; called and returns with it held."""
         self._running = True
@@ -336,6 +355,64 @@ class GroupSync:
         self._failures[gen] = failure
         for old in [g for g in self._failures if g <= gen - self._KEEP_FAILURES]:
             del self._failures[old]
+
+
+class _BackgroundSync:
+    """Runs a ``GroupSync`` soon after ``request()``, in a thread of its own, so a removal need not wait.
+
+    A delivery worker that removed a delivered record goes on at once; the ``spool-sync`` thread makes
+    the removal durable within ``_RIDE_ALONG_WAIT`` and an fsync: by the directory fsync of a commit that
+    started after it, or else by one of its own. Only a crash of
+    the machine in between can bring the message back, which counts as a crash during its delivery
+    (SPEC 5); killing the daemon cannot, the kernel keeps the rename. The thread starts on first use.
+    """
+
+    def __init__(self, group: GroupSync) -> None:
+        self._group = group
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._ticket = 0
+        self._done = 0
+        self._thread: threading.Thread | None = None
+
+    def request(self) -> None:
+        with self._cond:
+            self._requested += 1
+            self._ticket = self._group.ticket()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="spool-sync", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every removal requested so far is synced; False when ``timeout`` ran out first."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            target = self._requested
+            while self._done < target:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._done >= self._requested:
+                    self._cond.wait()
+                target, ticket = self._requested, self._ticket
+            # Under load the commits of new messages fsync the same directory every few milliseconds: one of
+            # those that starts after the removal makes it durable as well, at no cost. Otherwise sync here.
+            try:
+                if not self._group.wait_covered(ticket, _RIDE_ALONG_WAIT):
+                    self._group.sync()
+            except OSError as exc:
+                log.error("cannot sync the queue directory after removals: %s (a crash of the machine "
+                          "could bring delivered messages back)", exc)
+            with self._cond:
+                self._done = target
+                self._cond.notify_all()
 
 
 class SpoolLock:
@@ -488,12 +565,14 @@ class _Recycler:
 class Spool:
     """The spool directory; see the module docstring for layout and rules."""
 
-    def __init__(self, directory: str, group_commit: bool = True, recycle: bool = False) -> None:
+    def __init__(self, directory: str, group_commit: bool = True, recycle: bool = False,
+                 background_removals: bool = False) -> None:
         self.directory = os.path.abspath(directory)
         self._queue_dir = os.path.join(self.directory, QUEUE)
         self._group_commit = group_commit
         self._queue_dir_sync = _DirSync(self._queue_dir)
         self._queue_sync = GroupSync(self._queue_dir_sync)
+        self._removal_sync = _BackgroundSync(self._queue_sync) if background_removals else None
         self._free_cache: tuple[float, int] | None = None
         self._create_directories()
         self._check_version()
@@ -613,12 +692,20 @@ class Spool:
                 raise QueueIdError(f"{qid}: no such message") from None
             if env_saved:
                 _unlink_quietly(env_path)
-            # Durable removal: otherwise a crash could bring a delivered message back.
-            self._sync_queue_dir()
+            # Durable removal: otherwise a crash could bring a delivered message back. The daemon's workers
+            # leave the directory fsync to the spool-sync thread (``_BackgroundSync``).
+            if self._removal_sync is not None:
+                self._removal_sync.request()
+            else:
+                self._sync_queue_dir()
         except QueueIdError:
             raise
         except OSError as exc:
             raise SpoolError(f"{qid}: cannot remove: {exc}") from exc
+
+    def wait_removals_synced(self, timeout: float | None = None) -> bool:
+        """With ``background_removals``: wait until the removals made so far are on disk (at shutdown)."""
+        return self._removal_sync is None or self._removal_sync.wait(timeout)
 
     def _discard(self, record_path: str) -> None:
         """Take a record out of ``queue/``: kept for reuse when recycling, else unlinked."""

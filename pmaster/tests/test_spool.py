@@ -412,6 +412,85 @@ def test_commits_reuse_one_descriptor_for_the_queue_directory(tmp_path):
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+# -- removals made durable in the background (the daemon's spool) -------------------------------------
+
+def count_directory_syncs(spool, monkeypatch, gate=None):
+    """Record every fsync of ``queue/``; with ``gate``, each waits until the gate is set."""
+    calls = []
+    real = spool._queue_sync._sync_fn
+
+    def sync():
+        if gate is not None:
+            gate.wait(JOIN_TIMEOUT)
+        calls.append(time.monotonic())
+        real()
+
+    monkeypatch.setattr(spool._queue_sync, "_sync_fn", sync)
+    return calls
+
+
+def remove_locked(spool, qid):
+    with spool.lock(qid):
+        spool.remove(qid)
+
+
+def test_a_removal_syncs_the_queue_directory_before_it_returns(tmp_path, monkeypatch):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    calls = count_directory_syncs(spool, monkeypatch)
+    remove_locked(spool, env.queue_id)
+    assert len(calls) == 1
+
+
+def test_a_background_removal_returns_before_its_directory_sync(tmp_path, monkeypatch):
+    spool = Spool(str(tmp_path), background_removals=True)
+    env = store(spool)
+    gate = threading.Event()
+    calls = count_directory_syncs(spool, monkeypatch, gate)
+    remove_locked(spool, env.queue_id)  # returns although the directory sync cannot finish yet
+    assert spool.ids() == []
+    assert not spool.wait_removals_synced(0.2)
+    gate.set()
+    assert spool.wait_removals_synced(JOIN_TIMEOUT)
+    assert len(calls) == 1
+
+
+def test_a_background_removal_rides_along_the_directory_sync_of_a_commit(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_module, "_RIDE_ALONG_WAIT", JOIN_TIMEOUT)
+    spool = Spool(str(tmp_path), background_removals=True)
+    env = store(spool)
+    calls = count_directory_syncs(spool, monkeypatch)
+    remove_locked(spool, env.queue_id)
+    store(spool)  # its commit fsyncs queue/ after the removal: that covers the removal too
+    assert spool.wait_removals_synced(JOIN_TIMEOUT)
+    assert len(calls) == 1
+
+
+def test_a_background_removal_syncs_by_itself_when_no_commit_comes(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_module, "_RIDE_ALONG_WAIT", 0.05)
+    spool = Spool(str(tmp_path), background_removals=True)
+    envs = [store(spool) for _ in range(3)]
+    calls = count_directory_syncs(spool, monkeypatch)
+    for env in envs:
+        remove_locked(spool, env.queue_id)
+    assert spool.wait_removals_synced(JOIN_TIMEOUT)
+    assert 1 <= len(calls) <= 3
+
+
+def test_a_failed_background_sync_is_logged(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(spool_module, "_RIDE_ALONG_WAIT", 0.01)
+    spool = Spool(str(tmp_path), background_removals=True)
+    env = store(spool)
+
+    def broken():
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool._queue_sync, "_sync_fn", broken)
+    remove_locked(spool, env.queue_id)
+    assert spool.wait_removals_synced(JOIN_TIMEOUT)
+    assert "cannot sync the queue directory after removals" in caplog.text
+
+
 # -- reusing removed records (the daemon's spool) -----------------------------------------------------
 
 def test_a_spool_that_does_not_recycle_unlinks_removed_records(tmp_path):
