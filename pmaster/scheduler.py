@@ -66,7 +66,7 @@ from pmaster.config import Config
 from pmaster.envelope import BOUNCED, PENDING, SENT, Envelope, Recipient, split_address
 from pmaster.errors import QueueIdError, SpoolError
 from pmaster.mailers import OK, PERMFAIL, TEMPFAIL, Delivery, Result
-from pmaster.spool import Spool
+from pmaster.spool import Spool, SpoolLock
 
 log = logging.getLogger("pmaster.scheduler")
 
@@ -641,7 +641,7 @@ class Scheduler:
             return self._keep(env, self._apply_results(env, job, results, config, now, elapsed), config, now, exc)
         with lock:
             try:
-                env, env_saved = self._locked_envelope(job)
+                env, env_saved = self._locked_envelope(job, lock)
             except SpoolError:
                 log.info("%s: removed during delivery", qid)
                 return _RELEASED if self.spool.exists(qid) else _GONE
@@ -658,15 +658,15 @@ class Scheduler:
             self._hand_back(env)
         return _RELEASED
 
-    def _locked_envelope(self, job: Job) -> Tuple[Envelope, bool]:
-        """A fresh copy of the record (hold its lock): a copy of the one planned when the file is unchanged.
+    def _locked_envelope(self, job: Job, lock: SpoolLock) -> Tuple[Envelope, bool]:
+        """A fresh copy of the record (``lock`` held): a copy of the one planned when the file is unchanged.
 
         Also says whether an ``ID.env`` may exist (False only when the stamp just proved it does not).
         """
         planned = job.envelope
         if planned is not None and job.stamp is not None:
             try:
-                unchanged = _env_stamp(self.spool, job.queue_id) == job.stamp
+                unchanged = lock.stamp() == job.stamp
             except OSError:
                 unchanged = False
             if unchanged:

@@ -1069,21 +1069,24 @@ class _Session:
                 raise on_lost_mail(exc) from None
             except (smtplib.SMTPException, OSError) as exc:
                 raise on_lost_mail(_Lost(self.timed_out() or _lost_text(exc))) from None
+            # The group's replies come together: one receive timeout serves them all (the longest of
+            # theirs, as RFC 5321 section 4.5.3.2 gives minimums), one setsockopt instead of one per reply.
+            group = max(self.t.command, self.t.data_init, self.t.rset if rset else 0.0)
             try:
                 if rset:
-                    self.rset_reply(self.call(self.t.rset, self.client.getreply))
-                code, text = self.call(self.t.command, self.client.getreply)
+                    self.rset_reply(self.call(group, self.client.getreply))
+                code, text = self.call(group, self.client.getreply)
             except _Lost as exc:
                 raise on_lost_mail(exc) from None
             self.mail_reply(code, text)
             accepted: List[int] = []
             self.rcpts_answered = False
             for i in sendable:
-                stop = self.rcpt_reply(results, accepted, i, lambda: self.call(self.t.command, self.client.getreply))
+                stop = self.rcpt_reply(results, accepted, i, lambda: self.call(group, self.client.getreply))
                 if stop is not None:
                     return stop
             try:
-                reply = self.call(self.t.data_init, self.client.getreply)
+                reply = self.call(group, self.client.getreply)
             except _Lost as exc:
                 return _fill(results, "lost connection: %s (%s, in reply to DATA)" % (exc, self.target), "4.4.2")
             except _Deadline:

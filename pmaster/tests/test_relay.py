@@ -717,6 +717,26 @@ def test_two_deliveries_in_a_row_share_one_connection(tmp_path, fresh_cache):
         assert len(fresh_cache) == 1
 
 
+def test_replies_of_a_pipelined_group_share_one_receive_timeout(tmp_path, fresh_cache, monkeypatch):
+    armed = []
+    real = relay.set_kernel_timeout
+
+    def counting(sock, option, seconds):
+        if option == socket.SO_RCVTIMEO:
+            armed.append(seconds)
+        real(sock, option, seconds)
+
+    monkeypatch.setattr(relay, "set_kernel_timeout", counting)
+    with SmtpSink() as sink:
+        send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        before = len(armed)
+        results = send(make_delivery(tmp_path, ["a@x.test", "b@x.test"]), hosts=(hostport(sink),))
+    assert statuses(results) == [OK, OK]
+    # RSET, MAIL, two RCPT and DATA are answered under one timeout; the final dot under its own.
+    group = max(FAST.command, FAST.data_init, FAST.rset)
+    assert group != FAST.data_end and armed[before:] == [group, FAST.data_end]
+
+
 def test_close_cached_quits_every_parked_session(tmp_path):
     with SmtpSink() as sink:
         send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))

@@ -363,6 +363,25 @@ def test_stamp_changes_with_every_save(tmp_path):
         spool.stamp(env.queue_id)
 
 
+def test_the_stamp_a_lock_gives_is_the_spool_stamp_before_and_after_a_save(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    with spool.lock(env.queue_id) as lock:
+        assert lock.stamp() == spool.stamp(env.queue_id)
+        spool.save(env)
+        assert lock.stamp() == spool.stamp(env.queue_id)
+        assert lock.stamp()[0] == 1
+
+
+def test_the_stamp_of_a_lock_on_a_removed_message_is_an_os_error(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    remove_locked(spool, env.queue_id)
+    with spool.lock(env.queue_id) as lock:
+        with pytest.raises(OSError):
+            lock.stamp()
+
+
 def test_save_of_unknown_message_is_a_queue_id_error(tmp_path):
     spool = Spool(str(tmp_path))
     with pytest.raises(QueueIdError):
