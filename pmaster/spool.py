@@ -81,6 +81,7 @@ _LOCK_POLL = 0.02
 _WRITE_BUFFER = 64 * 1024
 _RECYCLE_AGE = 5.0  # seconds a removed record rests before reuse: whoever had it open is done with it by then
 _RECYCLE_MAX = 4096
+_SMALL_RECORD = 64 * 1024  # records below this size are read whole by ``open_body_file``
 _RIDE_ALONG_WAIT = 0.02  # a removal waits this long for a commit's directory fsync before its own  # records kept for reuse at most; beyond that a removal unlinks
 
 _id_lock = threading.Lock()
@@ -197,7 +198,12 @@ def _read_footer(fd: int) -> tuple[int, int]:
     size = os.fstat(fd).st_size
     if size < _FOOTER_LEN:
         raise ValueError("no record trailer (file of %d octets)" % size)
-    match = _FOOTER_RE.fullmatch(os.pread(fd, _FOOTER_LEN, size - _FOOTER_LEN))
+    return _parse_footer(os.pread(fd, _FOOTER_LEN, size - _FOOTER_LEN), size)
+
+
+def _parse_footer(footer: bytes, size: int) -> tuple[int, int]:
+    """(body size, envelope length) from the last ``_FOOTER_LEN`` octets of a record of ``size`` octets."""
+    match = _FOOTER_RE.fullmatch(footer)
     if match is None:
         raise ValueError("no record trailer")
     body, env_len = int(match.group(1)), int(match.group(2))
@@ -254,16 +260,31 @@ class _BodyRaw(io.RawIOBase):
 
 
 def open_body_file(path: str) -> BinaryIO:
-    """A buffered reader of the body stored in the record at ``path`` (it ends where the body ends)."""
+    """A buffered reader of the body stored in the record at ``path`` (it ends where the body ends).
+
+    A record smaller than ``_SMALL_RECORD`` (most mail) comes in with one read, footer and all, and is
+    served from memory: two system calls fewer per delivery than finding the footer first.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size, _ = _read_footer(fd)
+        head = os.read(fd, _SMALL_RECORD)
+        small = len(head) < _SMALL_RECORD  # a short read of a regular file: the whole record
+        if small:
+            if len(head) < _FOOTER_LEN:
+                raise ValueError("no record trailer (file of %d octets)" % len(head))
+            size, _ = _parse_footer(head[-_FOOTER_LEN:], len(head))
+        else:
+            size, _ = _read_footer(fd)
+            os.lseek(fd, 0, os.SEEK_SET)
     except ValueError as exc:
         os.close(fd)
         raise OSError(errno.EIO, f"not a spool record: {exc}") from None
     except BaseException:
         os.close(fd)
         raise
+    if small:
+        os.close(fd)
+        return io.BytesIO(head[:size])  # type: ignore[return-value]
     return io.BufferedReader(_BodyRaw(fd, size), 1 << 16)  # type: ignore[return-value]
 
 

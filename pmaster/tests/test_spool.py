@@ -311,6 +311,28 @@ def test_body_readers_stop_at_the_end_of_the_body(tmp_path):
     assert spool.body_size(env.queue_id) == body_file_size(spool.body_path(env.queue_id)) == len(body)
 
 
+@pytest.mark.parametrize("margin", [-1, 0, 1])
+def test_body_readers_are_exact_either_side_of_the_one_read_limit(tmp_path, monkeypatch, margin):
+    spool = Spool(str(tmp_path))
+    body = b"Subject: hi\r\n\r\n" + b"line\r\n" * 300
+    env = store(spool, body)
+    record = os.path.getsize(spool.body_path(env.queue_id))
+    monkeypatch.setattr(spool_module, "_SMALL_RECORD", record + margin)
+    with open_body_file(spool.body_path(env.queue_id)) as f:
+        assert b"".join(iter(lambda: f.read(1000), b"")) == body
+
+
+def test_body_reader_refuses_a_small_file_with_a_broken_trailer(tmp_path):
+    spool = Spool(str(tmp_path))
+    env = store(spool)
+    path = spool.body_path(env.queue_id)
+    with open(path, "r+b") as f:
+        f.seek(-10, os.SEEK_END)
+        f.write(b"9999999999")
+    with pytest.raises(OSError, match="not a spool record"):
+        open_body_file(path)
+
+
 def test_body_reader_refuses_a_file_that_is_no_record(tmp_path):
     path = tmp_path / "plain"
     path.write_bytes(b"Subject: hi\r\n\r\nno trailer\r\n")
