@@ -11,7 +11,8 @@ API:
     commit; a context manager);
     ``ids()``, ``load(qid)``, ``save(env)``, ``stamp(qid)``, ``body_path(qid)``, ``open_body(qid)``,
     ``body_size(qid)``, ``exists(qid)``, ``remove(qid)``, ``lock(qid, timeout=None)``, ``try_lock(qid)``,
-    ``recover()``, ``corrupt_ids()``, ``free_space()``, ``env_path(qid)``; ``trigger_path()`` and
+    ``recover()``, ``corrupt_ids()``, ``free_space()``, ``env_path(qid)``, ``wait_removals_synced()``
+    (``SpoolLock.stamp()`` is ``stamp`` for the holder of the lock, one stat cheaper); ``trigger_path()`` and
     ``touch_trigger()`` (``pmaster queue`` tells a running daemon that it changed the spool).
   ``open_body_file(path)``, ``body_file_size(path)``: the body of the record at ``body_path(qid)`` (what
     mailers read); ``record_trailer(body_size, env)``: the bytes that follow a body in its record.
