@@ -81,9 +81,9 @@ _ALLOCATE_TRIES = 100
 _LOCK_POLL = 0.02
 _WRITE_BUFFER = 64 * 1024
 _RECYCLE_AGE = 5.0  # seconds a removed record rests before reuse: whoever had it open is done with it by then
-_RECYCLE_MAX = 4096
+_RECYCLE_MAX = 4096  # records kept for reuse at most; beyond that a removal unlinks
 _SMALL_RECORD = 64 * 1024  # records below this size are read whole by ``open_body_file``
-_RIDE_ALONG_WAIT = 0.02  # a removal waits this long for a commit's directory fsync before its own  # records kept for reuse at most; beyond that a removal unlinks
+_RIDE_ALONG_WAIT = 0.02  # a removal waits this long for a commit's directory fsync before its own
 
 _id_lock = threading.Lock()
 _id_last_us = 0
@@ -384,9 +384,9 @@ class _BackgroundSync:
 
     A delivery worker that removed a delivered record goes on at once; the ``spool-sync`` thread makes
     the removal durable within ``_RIDE_ALONG_WAIT`` and an fsync: by the directory fsync of a commit that
-    started after it, or else by one of its own. Only a crash of
-    the machine in between can bring the message back, which counts as a crash during its delivery
-    (SPEC 5); killing the daemon cannot, the kernel keeps the rename. The thread starts on first use.
+    started after it, or else by one of its own. Only a crash of the machine in between can bring the
+    message back, which counts as a crash during its delivery (SPEC 5); killing the daemon cannot, the
+    kernel keeps the rename. The thread starts on first use.
     """
 
     def __init__(self, group: GroupSync) -> None:
