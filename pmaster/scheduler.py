@@ -28,8 +28,11 @@ Invariants:
     only the save (applied to a fresh copy of the record, at ``backoff`` capped at ``SAVE_RETRY_MAX``,
     one log line per failed try) and once more at ``stop``; only then are the recipients planned again.
   - At most ``destination_limit`` jobs per destination run at once; a job whose destination is full
-    waits in the plan, never in a worker, so one dead destination cannot hold every worker. When a job
-    ends, the messages waiting for its destination are planned at once (no scan delay), oldest first.
+    waits in the plan, never in a worker, so one dead destination cannot hold every worker. Up to
+    ``READY_PER_DESTINATION`` such jobs are planned ahead in the destination's ready line (their
+    recipients busy, as in any job): the worker that ends a job of that destination starts the next one
+    from there at once, without waiting for a planning round. Beyond that, messages wait by id; when a
+    job ends they are planned at once (no scan delay), oldest first.
   - A report is queued before the failure that caused it is saved: a crash may repeat a report, never lose it.
     A report that is due and cannot be stored (disk full) leaves its recipients pending, deferred at
     ``backoff`` with the reason in ``last_reply``: the failure is recorded only with its report.
@@ -50,6 +53,7 @@ Threading: one ``sched`` thread plans, alone touches the heap and ``_known``, an
   back to planning) is never modified after the hand-over.
 """
 
+import collections
 import copy
 import dataclasses
 import heapq
@@ -59,7 +63,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, FrozenSet, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from pmaster import bounce as bounces
 from pmaster.config import Config
@@ -80,6 +84,10 @@ RECORD_LOCK_WAIT = 60.0  # longest wait for a message lock to record results (th
 SAVE_RETRY_MAX = 60  # longest wait (seconds of ``now``) between tries to save results kept in memory
 DRAIN_PER_ROUND = 10000  # waiting messages planned per round at most (the rest in the next round)
 COALESCE = 0.005  # after a wake-up, wait this long for more notifications before planning
+# Jobs planned ahead per full destination. A job's end starts the next from here in the same worker:
+# waiting for the planner instead (a wake-up, COALESCE, a round under the GIL) kept workers idle for
+# three quarters of the time while a queue for one destination drained.
+READY_PER_DESTINATION = 10
 MAX_CACHED = 2000  # envelopes kept for messages waiting for a full destination (not read again when it frees)
 
 Stamp = Tuple[int, int, int, int]  # ``Spool.stamp``: which envelope version (a save renames a new file in)
@@ -239,6 +247,7 @@ class Scheduler:
         self._dirty: Set[str] = set()  # read these envelopes again at the next planning round
         self._gone: Set[str] = set()  # removed by a job: forget them
         self._fresh: Dict[str, Tuple[Stamp, Envelope]] = {}  # envelopes just saved by a job, for planning
+        self._ready: Dict[str, Deque[Job]] = {}  # destination -> jobs planned for when it has room, in order
         self._waiting: Dict[str, Dict[str, None]] = {}  # destination -> messages held back by its limit, oldest first
         self._unsaved: Dict[str, _Unsaved] = {}  # qid -> results not saved yet (workers add, planning saves)
         self._rescan = True  # a full rescan is wanted (start, notify(None))
@@ -249,6 +258,7 @@ class Scheduler:
         self._last_trigger_check = 0.0
         self._trigger_seen: Optional[Tuple[int, int, int]] = None
         self._in_flight = 0
+        self._limit = destination_limit(config_source())  # per destination; planning updates it each round
         self.metrics = None  # set by the daemon: has delivery(mailer, sent|deferred|bounced, seconds)
 
     @property
@@ -258,8 +268,10 @@ class Scheduler:
 
     @property
     def queued_jobs(self) -> int:
-        """Jobs planned and waiting for a worker."""
-        return self._jobs.qsize()
+        """Jobs planned and waiting for a worker (or for room at their destination)."""
+        with self._lock:
+            ready = sum(len(line) for line in self._ready.values())
+        return self._jobs.qsize() + ready
 
     # -- lifecycle
 
@@ -295,6 +307,10 @@ class Scheduler:
         with self._lock:
             self._stopping = True
             self._deadline = deadline
+            for line in self._ready.values():  # never started: their recipients stay due on disk
+                for job in line:
+                    self._release(job)
+            self._ready.clear()
         self._wake.set()
         for _ in self._threads:
             self._jobs.put(None)
@@ -341,7 +357,7 @@ class Scheduler:
             self._cache.pop(qid, None)  # changed: read it again (or take what its job handed back)
             self._make_due(qid, now)
         self._save_unsaved(config, now)  # saved results free their recipients for the next round
-        limit = destination_limit(config)
+        limit = self._limit = destination_limit(config)
         self._plan_due(config, now, limit)
         self._drain_waiting(config, now, limit)
         return self._next_wait(now)
@@ -427,10 +443,42 @@ class Scheduler:
                 self._plan_message(qid, config, now, limit)
         self._wake.set()  # more to do: go on in the next round
 
+    def _has_room(self, destination: str, limit: int) -> bool:
+        """A job for ``destination`` could start now or join its ready line (``_lock`` held)."""
+        if self._active.get(destination, 0) < limit:
+            return True
+        line = self._ready.get(destination)
+        return line is None or len(line) < READY_PER_DESTINATION
+
+    def _place(self, job: Job, limit: int) -> bool:
+        """Start ``job`` or put it in its destination's ready line; False when neither has room (``_lock`` held)."""
+        dest = job.destination
+        if self._active.get(dest, 0) < limit:
+            self._active[dest] = self._active.get(dest, 0) + 1
+            self._jobs.put(job)
+        elif self._has_room(dest, limit):
+            self._ready.setdefault(dest, collections.deque()).append(job)
+        else:
+            return False
+        qid = job.queue_id
+        self._jobs_of[qid] = self._jobs_of.get(qid, 0) + 1
+        self._busy.update((qid, i) for i in job.indexes)
+        return True
+
+    def _release(self, job: Job, kept: FrozenSet[int] = frozenset()) -> None:
+        """A job ended or was dropped: its recipients (but ``kept``) are free to plan (``_lock`` held)."""
+        qid = job.queue_id
+        self._busy.difference_update((qid, i) for i in job.indexes if i not in kept)
+        left = self._jobs_of.get(qid, 1) - 1
+        if left:
+            self._jobs_of[qid] = left
+        else:
+            self._jobs_of.pop(qid, None)
+
     def _next_waiting(self, limit: int) -> Optional[str]:
         with self._lock:
             for dest, waiters in self._waiting.items():
-                if self._active.get(dest, 0) >= limit:
+                if not self._has_room(dest, limit):
                     continue
                 qid = next(iter(waiters))
                 del waiters[qid]
@@ -462,7 +510,7 @@ class Scheduler:
     def _all_full(self, qid: str, destinations: FrozenSet[str], limit: int) -> bool:
         """True (and ``qid`` registered as waiting) when every destination it needs is at its limit."""
         with self._lock:
-            if any(self._active.get(d, 0) < limit for d in destinations):
+            if any(self._has_room(d, limit) for d in destinations):
                 return False
             for d in destinations:
                 self._waiting.setdefault(d, {})[qid] = None
@@ -510,14 +558,9 @@ class Scheduler:
         with self._lock:
             jobs = plan_jobs(env, config, now, self._busy)
             for job in jobs:
-                if self._active.get(job.destination, 0) >= limit:
+                if not self._place(dataclasses.replace(job, stamp=stamp), limit):
                     self._waiting.setdefault(job.destination, {})[qid] = None
                     waits = True
-                    continue
-                self._active[job.destination] = self._active.get(job.destination, 0) + 1
-                self._jobs_of[qid] = self._jobs_of.get(qid, 0) + 1
-                self._busy.update((qid, i) for i in job.indexes)
-                self._jobs.put(dataclasses.replace(job, stamp=stamp))
             in_flight = qid in self._jobs_of
             due_idle = [r.next_attempt for i, r in enumerate(env.recipients)
                         if r.state == PENDING and (qid, i) not in self._busy]
@@ -541,32 +584,37 @@ class Scheduler:
     # -- delivering
 
     def _work_loop(self) -> None:
+        job: Optional[Job] = None
         while True:
-            job = self._jobs.get()
             if job is None:
-                return
+                job = self._jobs.get()
+                if job is None:
+                    return
             outcome = _RELEASED
             try:
                 outcome = self._run(job)
             except Exception:
                 log.exception("%s: delivery job failed", job.queue_id)
-            finally:
-                self._job_done(job, outcome)
+            job = self._job_done(job, outcome)
 
-    def _job_done(self, job: Job, outcome: Outcome) -> None:
+    def _job_done(self, job: Job, outcome: Outcome) -> Optional[Job]:
+        """Account for a finished job; returns the next job of its destination's ready line, started."""
         qid = job.queue_id
+        dest = job.destination
         with self._lock:
-            self._active[job.destination] -= 1
-            if not self._active[job.destination]:
-                del self._active[job.destination]
-            left = self._jobs_of.get(qid, 1) - 1
-            if left:
-                self._jobs_of[qid] = left
-            else:
-                self._jobs_of.pop(qid, None)
+            line = self._ready.get(dest)
+            # The limit as planning last read it: a reload that lowered it shortens the line's run.
+            room = self._active.get(dest, 0) <= self._limit
+            following = line.popleft() if line and room and not self._stopping else None
+            if line is not None and not line:
+                del self._ready[dest]
+            if following is None:  # else the next job takes over this one's place in ``_active``
+                self._active[dest] -= 1
+                if not self._active[dest]:
+                    del self._active[dest]
             # Recipients whose results are kept in memory stay busy until they are saved (``_unkeep``).
             what, kept = outcome
-            self._busy.difference_update((qid, i) for i in job.indexes if i not in kept)
+            self._release(job, kept)
             # Planning looks at the message again, and at the messages waiting for this destination.
             if what == GONE:
                 self._gone.add(qid)
@@ -574,9 +622,10 @@ class Scheduler:
                 self._dirty.add(qid)
             # A message gone only needs forgetting, which the next round does anyway: wake planning for it
             # only when others wait for the room this job leaves.
-            wake = what != GONE or job.destination in self._waiting
+            wake = what != GONE or dest in self._waiting
         if wake:
             self._wake.set()
+        return following
 
     def _job_envelope(self, job: Job) -> Optional[Envelope]:
         """The envelope planning read, unless the record has changed since (then read it again)."""

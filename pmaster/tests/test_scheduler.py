@@ -708,6 +708,42 @@ def test_stop_lets_the_running_delivery_finish_and_starts_no_queued_job(setup):
     assert s.env(queued).recipients[0].attempts == 0
 
 
+
+def test_stop_starts_no_job_waiting_in_a_ready_line(setup):
+    s = setup(workers=2, dc=1, extra='[pipe slow]\n  exec = /bin/sh -c "cat > /dev/null; sleep 1"\n')
+    running = s.inject([("a@x.test", "pipe", "slow")])
+    assert wait_for(lambda: s.sched.in_flight == 1, 5)
+    queued = s.inject([("b@x.test", "pipe", "slow")])  # its destination is full: planned ahead, not started
+    assert wait_for(lambda: s.sched.queued_jobs == 1, 5)
+    s.sched.stop(time.monotonic() + 5)
+    assert not s.spool.exists(running)
+    assert s.env(queued).recipients[0].attempts == 0
+
+
+def test_an_ended_job_starts_the_next_of_its_destination_without_a_planning_round(tmp_path, monkeypatch):
+    rounds = []
+    release = threading.Event()
+    plan_once = Scheduler._plan_once
+
+    def first_round_only(self):
+        if rounds:
+            release.wait(30)  # planning is stuck after its first round until the test ends
+        rounds.append(1)
+        return plan_once(self)
+
+    monkeypatch.setattr(Scheduler, "_plan_once", first_round_only)
+    s = Setup(tmp_path, workers=2, dc=1)
+    qids = [s.inject([("u%d@x.test" % i, "pipe", "single")]) for i in range(4)]
+    s.sched.start()  # one round plans all four: one starts, three wait in the destination's ready line
+    try:
+        assert wait_for(lambda: not any(s.spool.exists(q) for q in qids), 10)
+        assert sorted(s.argv_lines()) == sorted("%s u%d@x.test" % (q, i) for i, q in enumerate(qids))
+        assert len(rounds) <= 2  # the second round is the one still waiting
+    finally:
+        release.set()
+        s.sched.stop(time.monotonic() + 5)
+
+
 BIG_HEADERS = (b"From: a@src.test\r\nSubject: big\r\nMessage-ID: <big@src.test>\r\n"
                + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"x" * 70) for i in range(300)) + b"\r\nhello\r\n")
 
