@@ -80,6 +80,10 @@ CACHE_SIZE = 100  # idle sessions in all
 REAP_SECONDS = 0.5  # how often the reaper looks for expired sessions
 CLOSE_SECONDS = 2.0  # time for one batch of QUITs to expired (or, at exit, all) parked sessions
 PROBE_IDLE = True  # look for a hang-up (EOF, a 421) on a cached socket before using it
+# ... when it was parked at least this long. A session parked a moment ago (a busy destination) rarely hung
+# up since, and if it did its next MAIL finds out and the job connects afresh (``_Stale``): the probe would
+# cost every reuse a system call, and a wait for the interpreter lock, for nothing.
+PROBE_AFTER = 0.5
 
 
 @dataclass(frozen=True)
@@ -681,7 +685,7 @@ class _Job:
                 parked = CACHE.take(key)
                 if parked is None:
                     break
-                if _looks_alive(parked.client):
+                if CACHE.now() - parked.since < PROBE_AFTER or _looks_alive(parked.client):
                     return parked
                 log.debug("%s: cached session with %s has hung up", self.qid, target)
                 parked.client.close()

@@ -775,6 +775,30 @@ def test_session_dropped_by_the_server_while_idle_is_replaced_without_deferral(t
         assert not fresh_refused_memo.skipped(*sink.address)
 
 
+def _probes(monkeypatch):
+    probed = []
+    real = relay._looks_alive
+    monkeypatch.setattr(relay, "_looks_alive", lambda client: probed.append(client) or real(client))
+    return probed
+
+
+def test_session_parked_a_moment_ago_is_reused_without_a_probe(tmp_path, clock, monkeypatch):
+    probed = _probes(monkeypatch)
+    with SmtpSink() as sink:
+        for _ in range(2):
+            assert statuses(send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))) == [OK]
+        assert sink.connections == 1 and probed == []
+
+
+def test_session_parked_longer_is_probed_before_reuse(tmp_path, clock, monkeypatch):
+    probed = _probes(monkeypatch)
+    with SmtpSink() as sink:
+        send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        clock[0] += relay.PROBE_AFTER
+        assert statuses(send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))) == [OK]
+        assert sink.connections == 1 and len(probed) == 1
+
+
 def test_hang_up_noticed_only_at_mail_connects_afresh_to_the_same_host(tmp_path, monkeypatch):
     monkeypatch.setattr(relay, "PROBE_IDLE", False)  # so the dead session really gets its MAIL
     with SmtpSink(timeout=0.3) as sink, SmtpSink() as backup:
