@@ -218,7 +218,9 @@ class _Feeder:
     def __init__(self, body: BinaryIO, sender: str):
         self.body = body
         clean = re.sub(r"[\x00-\x1f\x7f]", "", sender)
-        self.pending = f"Return-Path: <{clean}>\n".encode("utf-8", "surrogateescape")
+        # Written with the first chunk: a small message goes to the child in one write.
+        self.header = f"Return-Path: <{clean}>\n".encode("utf-8", "surrogateescape")
+        self.pending = b""
         self.held_cr = b""  # a CR at a chunk's end may be the first half of a CRLF
         self.eof = False
 
@@ -226,16 +228,17 @@ class _Feeder:
         """Bytes still to write (refilled from the file when empty); b'' once everything is written."""
         if self.pending or self.eof:
             return self.pending
+        head, self.header = self.header, b""
         chunk = self.body.read(CHUNK)
         if not chunk:
             self.eof = True
-            self.pending, self.held_cr = self.held_cr, b""
+            self.pending, self.held_cr = head + self.held_cr, b""
             return self.pending
         data = self.held_cr + chunk
         self.held_cr = b""
         if data.endswith(b"\r"):
             data, self.held_cr = data[:-1], b"\r"
-        self.pending = data.replace(b"\r\n", b"\n")
+        self.pending = head + data.replace(b"\r\n", b"\n")
         return self.pending
 
     def consumed(self, n: int) -> None:
@@ -257,24 +260,85 @@ def _run(argv: list[str], env: dict[str, str], delivery: Delivery, end: float, c
         return Result(TEMPFAIL, f"cannot read queued message: {exc.strerror or exc}", "4.3.0")
 
 
+class _Pipes:
+    """The child's stdin and stderr pipes as plain descriptors.
+
+    Made here, not by Popen: its file objects cost six system calls per run, and every system call made
+    while the thread is widened (``affinity.widened``) may move it to another CPU and back.
+    """
+
+    def __init__(self) -> None:
+        self.stdin_read, self.stdin = os.pipe()
+        try:
+            self.stderr, self.stderr_write = os.pipe()
+        except OSError:
+            os.close(self.stdin_read)
+            os.close(self.stdin)
+            raise
+
+    def close_child_ends(self) -> None:
+        for fd in (self.stdin_read, self.stderr_write):
+            _close_fd(fd)
+        self.stdin_read = self.stderr_write = -1
+
+    def close_stdin(self) -> None:
+        _close_fd(self.stdin)
+        self.stdin = -1
+
+    def close_all(self) -> None:
+        self.close_child_ends()
+        self.close_stdin()
+        _close_fd(self.stderr)
+        self.stderr = -1
+
+
+def _close_fd(fd: int) -> None:
+    if fd < 0:
+        return
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+_devnull_fd = [-1]
+
+
+def _devnull() -> int:
+    """One descriptor of /dev/null for every child's stdout, opened once."""
+    if _devnull_fd[0] < 0:
+        _devnull_fd[0] = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    return _devnull_fd[0]
+
+
 def _spawn(argv: list[str], env: dict[str, str], delivery: Delivery, end: float, cwd: str,
            body: BinaryIO) -> Result:
     try:
-        with affinity.widened():  # the daemon's threads share one CPU; the program may use any
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, env=env, cwd=cwd, close_fds=True,
-                                    start_new_session=True)
-    except (OSError, ValueError) as exc:
-        # Popen reports a failed exec in the parent: a configuration problem, so defer (SPEC 5: 126/127).
-        detail = getattr(exc, "strerror", None) or str(exc)
-        return Result(TEMPFAIL, f"cannot execute {argv[0]}: {detail}", "4.3.0")
-    outcome = _Outcome()
-    try:
-        _supervise(proc, _Feeder(body, delivery.envelope.sender), end, outcome)
+        pipes = _Pipes()
+        devnull = _devnull()
     except OSError as exc:
-        return Result(TEMPFAIL, f"pipe I/O error: {exc.strerror or exc}", "4.3.0")
+        return Result(TEMPFAIL, f"cannot make pipes: {exc.strerror or exc}", "4.3.0")
+    try:
+        try:
+            with affinity.widened():  # the daemon's threads share one CPU; the program may use any
+                proc = subprocess.Popen(argv, stdin=pipes.stdin_read, stdout=devnull, stderr=pipes.stderr_write,
+                                        env=env, cwd=cwd, close_fds=True, start_new_session=True)
+        except (OSError, ValueError) as exc:
+            # Popen reports a failed exec in the parent: a configuration problem, so defer (SPEC 5: 126/127).
+            detail = getattr(exc, "strerror", None) or str(exc)
+            return Result(TEMPFAIL, f"cannot execute {argv[0]}: {detail}", "4.3.0")
+        pipes.close_child_ends()  # else no end of file on stderr when the child exits
+        outcome = _Outcome()
+        try:
+            _supervise(proc, pipes, _Feeder(body, delivery.envelope.sender), end, outcome)
+        except OSError as exc:
+            return Result(TEMPFAIL, f"pipe I/O error: {exc.strerror or exc}", "4.3.0")
+        finally:
+            pipes.close_all()
+            if proc.returncode is None:
+                _kill_group(proc)
     finally:
-        _close(proc)
+        pipes.close_all()
     if outcome.timed_out:
         return Result(TEMPFAIL, "timeout", "4.3.0")
     if outcome.read_error:
@@ -282,38 +346,44 @@ def _spawn(argv: list[str], env: dict[str, str], delivery: Delivery, end: float,
     return classify(proc.returncode, _first_line(outcome.stderr))
 
 
-def _supervise(proc: subprocess.Popen[bytes], feeder: _Feeder, end: float, outcome: _Outcome) -> None:
-    """Feed stdin, drain stderr and wait for exit in one loop; kill the group at ``end``."""
-    assert proc.stdin is not None and proc.stderr is not None
-    stdin: int | None = proc.stdin.fileno()
-    stderr: int | None = proc.stderr.fileno()
-    os.set_blocking(stdin, False)
-    while proc.poll() is None:
+def _supervise(proc: subprocess.Popen[bytes], pipes: _Pipes, feeder: _Feeder, end: float,
+               outcome: _Outcome) -> None:
+    """Feed stdin, drain stderr and wait for exit in one loop; kill the group at ``end``.
+
+    The pipes drive the loop: the child's exit is looked for when they are both done, or when nothing
+    happened on them for ``POLL`` seconds (a grandchild may keep them open after the child exited).
+    """
+    os.set_blocking(pipes.stdin, False)
+    stderr_open = True
+    while True:
         remaining = end - time.monotonic()
         if remaining <= 0:
             outcome.timed_out = True
             _kill_group(proc)
             return
-        if stdin is not None and not _feed(stdin, feeder, outcome):
+        if pipes.stdin >= 0 and not _feed(pipes.stdin, feeder, outcome):
             if outcome.read_error:
                 _kill_group(proc)  # before EOF on stdin: never let the child accept a truncated message
                 return
-            proc.stdin.close()
-            stdin = None
-        readers = [stderr] if stderr is not None else []
-        writers = [stdin] if stdin is not None else []
+            pipes.close_stdin()
+        readers = [pipes.stderr] if stderr_open else []
+        writers = [pipes.stdin] if pipes.stdin >= 0 else []
         if not readers and not writers:
             _wait_quietly(proc, min(remaining, POLL))
+            if proc.returncode is not None:
+                return
             continue
-        readable = _ready(readers, writers, min(remaining, POLL))
-        if stderr in readable and stderr is not None and not _drain(stderr, outcome):
-            stderr = None
-    if stderr is not None:
-        _drain_ready(stderr, outcome)
+        ready = _ready(readers, writers, min(remaining, POLL))
+        if pipes.stderr in ready and not _drain(pipes.stderr, outcome):
+            stderr_open = False
+        if not ready and proc.poll() is not None:
+            break
+    if stderr_open:
+        _drain_ready(pipes.stderr, outcome)
 
 
 def _ready(readers: list[int], writers: list[int], timeout: float) -> set[int]:
-    """Wait until a reader has data (or EOF) or a writer has room; return the ready readers.
+    """Wait until a reader has data (or EOF) or a writer has room; return the ready descriptors.
 
     poll(), not select(): a busy daemon may hold descriptors above FD_SETSIZE (1024).
     """
@@ -323,7 +393,7 @@ def _ready(readers: list[int], writers: list[int], timeout: float) -> set[int]:
     for fd in writers:
         poller.register(fd, select.POLLOUT)
     events = poller.poll(max(0, int(timeout * 1000)))
-    return {fd for fd, _ in events if fd in readers}
+    return {fd for fd, _ in events}
 
 
 def _feed(fd: int, feeder: _Feeder, outcome: _Outcome) -> bool:
@@ -362,7 +432,7 @@ def _drain(fd: int, outcome: _Outcome) -> bool:
 def _drain_ready(fd: int, outcome: _Outcome) -> None:
     """After exit: take what the child wrote before it died, without waiting on a grandchild that holds stderr."""
     for _ in range(64):  # bounded: 64 reads of 64 KiB is far beyond what we keep
-        if fd not in _ready([fd], [], 0) or not _drain(fd, outcome):
+        if not _ready([fd], [], 0) or not _drain(fd, outcome):
             return
 
 
@@ -400,18 +470,6 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _close(proc: subprocess.Popen[bytes]) -> None:
-    for stream in (proc.stdin, proc.stderr):
-        if stream is None:
-            continue
-        try:
-            stream.close()
-        except OSError:
-            pass  # EPIPE flushing a closed pipe: nothing is buffered that matters
-    if proc.returncode is None:
-        _kill_group(proc)
 
 
 def _first_line(stderr: bytes) -> str:

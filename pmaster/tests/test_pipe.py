@@ -3,6 +3,7 @@
 import hashlib
 import os
 import pwd
+import sys
 import time
 import tracemalloc
 
@@ -329,3 +330,34 @@ def test_child_that_closes_stderr_still_gets_all_of_stdin(tmp_path):
     assert result.status == OK
     assert out.read_bytes() == b"Return-Path: <>\n" + body.replace(b"\r\n", b"\n")
     assert time.monotonic() - started < 5
+
+
+def test_return_path_goes_to_the_child_with_the_first_chunk():
+    import io
+    feeder = pipe._Feeder(io.BytesIO(b"Subject: x\r\n\r\nhi\r\n"), "s@x.org")
+    assert feeder.next_bytes() == b"Return-Path: <s@x.org>\nSubject: x\n\nhi\n"  # one write for a small message
+    feeder.consumed(len(feeder.next_bytes()))
+    assert feeder.next_bytes() == b""
+
+
+def test_child_gets_the_pipes_and_dev_null_and_nothing_else(tmp_path):
+    out = tmp_path / "fds"
+    code = ("import os, sys\nfds = {}\nfor f in os.listdir('/proc/self/fd'):\n"
+            "    try:\n        fds[int(f)] = os.readlink('/proc/self/fd/' + f)\n"
+            "    except OSError:\n        pass  # the listing's own descriptor, closed by now\n"
+            "open(sys.argv[1], 'w').write(repr(fds))\n")
+    result = deliver(make_delivery(tmp_path), section(sys.executable, "-c", code, str(out)), None)[0]
+    assert result.status == OK, result.reply
+    fds = {fd: target for fd, target in eval(out.read_text()).items() if not target.startswith("/proc/")}
+    assert sorted(fds) == [0, 1, 2], fds  # the daemon's own descriptors stay behind
+    assert fds[1] == "/dev/null"
+    assert fds[0].startswith("pipe:") and fds[2].startswith("pipe:") and fds[0] != fds[2]
+
+
+def test_deliveries_leave_no_descriptor_behind(tmp_path):
+    deliver(make_delivery(tmp_path), None, "cat > /dev/null")  # opens the shared /dev/null descriptor once
+    before = len(os.listdir("/proc/self/fd"))
+    for command in ("cat > /dev/null", "exit 67", "echo oops >&2; exit 75", "kill -9 $$", "exec 0<&-; exit 0"):
+        deliver(make_delivery(tmp_path), None, command)
+    deliver(make_delivery(tmp_path), section("/nonexistent/program"), None)
+    assert len(os.listdir("/proc/self/fd")) == before
