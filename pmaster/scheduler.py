@@ -6,7 +6,7 @@ API:
      ``notify(qid, fresh)`` (a new or changed message, optionally with (stamp, envelope) as just written;
      None rescans the spool), ``stop(deadline)`` (finish or abandon deliveries in progress by ``deadline``;
      jobs not started yet are not started), ``in_flight`` (mailer calls running), ``queued_jobs`` (planned,
-     waiting for a worker), ``idle()``.
+     waiting for a worker or in a destination's ready line), ``idle()``.
   ``plan_jobs(env, config, now, busy)``: pure grouping of due recipients into delivery jobs: pipe batches of
      up to ``max_rcpt_to``, relay batches of up to 100 per destination, ``relay()`` per recipient domain.
   ``destination_limit(config)``: jobs per destination at once: ``destination-concurrency``, at most
