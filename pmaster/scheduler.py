@@ -32,7 +32,8 @@ Invariants:
     ``READY_PER_DESTINATION`` such jobs are planned ahead in the destination's ready line (their
     recipients busy, as in any job): the worker that ends a job of that destination starts the next one
     from there at once, without waiting for a planning round. Beyond that, messages wait by id; when a
-    job ends they are planned at once (no scan delay), oldest first.
+    job ends they are planned at once (no scan delay), oldest first, and before messages newly due, so a
+    busy destination is served in arrival order.
   - A report is queued before the failure that caused it is saved: a crash may repeat a report, never lose it.
     A report that is due and cannot be stored (disk full) leaves its recipients pending, deferred at
     ``backoff`` with the reason in ``last_reply``: the failure is recorded only with its report.
@@ -358,8 +359,9 @@ class Scheduler:
             self._make_due(qid, now)
         self._save_unsaved(config, now)  # saved results free their recipients for the next round
         limit = self._limit = destination_limit(config)
-        self._plan_due(config, now, limit)
+        # Messages that waited for room go first, then what is newly due: first come, first served.
         self._drain_waiting(config, now, limit)
+        self._plan_due(config, now, limit)
         return self._next_wait(now)
 
     def _rescan_wanted(self, mono: float) -> bool:

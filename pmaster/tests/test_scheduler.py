@@ -744,6 +744,40 @@ def test_an_ended_job_starts_the_next_of_its_destination_without_a_planning_roun
         s.sched.stop(time.monotonic() + 5)
 
 
+
+def test_a_message_that_waited_for_room_goes_before_one_that_arrived_later(tmp_path, monkeypatch):
+    monkeypatch.setattr(sched_mod, "READY_PER_DESTINATION", 1)
+    rounds = threading.Semaphore(1)  # planning rounds run only as the test allows
+    free = threading.Event()
+    plan_once = Scheduler._plan_once
+
+    def gated(self):
+        if not free.is_set():
+            rounds.acquire(timeout=30)
+        return plan_once(self)
+
+    monkeypatch.setattr(Scheduler, "_plan_once", gated)
+    with open(os.path.join(str(tmp_path), "slow.sh"), "w") as f:
+        f.write('echo "$1" >> "%s/order.log"\ncat > /dev/null\nsleep 0.3\n' % tmp_path)
+    s = Setup(tmp_path, workers=2, dc=1, extra="[pipe slow]\n  exec = /bin/sh %s/slow.sh ${RCPT_TO}\n" % tmp_path)
+    for name in ("a", "b", "c"):
+        s.inject([("%s@x.test" % name, "pipe", "slow")])
+    s.sched.start()  # round one: a runs, b waits in the ready line, c waits for room
+    order = tmp_path / "order.log"
+    try:
+        assert wait_for(lambda: order.exists() and order.read_text().split() == ["a@x.test"], 10)
+        s.inject([("d@x.test", "pipe", "slow")])  # arrives while c waits; planned in the same round as c
+        assert wait_for(lambda: order.read_text().split() == ["a@x.test", "b@x.test"], 10)  # from the line
+        free.set()
+        rounds.release()
+        assert wait_for(lambda: len(order.read_text().split()) == 4, 10)
+        assert order.read_text().split() == ["a@x.test", "b@x.test", "c@x.test", "d@x.test"]
+    finally:
+        free.set()
+        rounds.release()
+        s.sched.stop(time.monotonic() + 5)
+
+
 BIG_HEADERS = (b"From: a@src.test\r\nSubject: big\r\nMessage-ID: <big@src.test>\r\n"
                + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"x" * 70) for i in range(300)) + b"\r\nhello\r\n")
 
