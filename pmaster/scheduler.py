@@ -358,7 +358,10 @@ class Scheduler:
             self._cache.pop(qid, None)  # changed: read it again (or take what its job handed back)
             self._make_due(qid, now)
         self._save_unsaved(config, now)  # saved results free their recipients for the next round
-        limit = self._limit = destination_limit(config)
+        limit = destination_limit(config)
+        with self._lock:
+            self._limit = limit
+            self._start_ready(limit)  # a reload may have raised the limit
         # Messages that waited for room go first, then what is newly due: first come, first served.
         self._drain_waiting(config, now, limit)
         self._plan_due(config, now, limit)
@@ -455,17 +458,27 @@ class Scheduler:
     def _place(self, job: Job, limit: int) -> bool:
         """Start ``job`` or put it in its destination's ready line; False when neither has room (``_lock`` held)."""
         dest = job.destination
-        if self._active.get(dest, 0) < limit:
-            self._active[dest] = self._active.get(dest, 0) + 1
-            self._jobs.put(job)
-        elif self._has_room(dest, limit):
-            self._ready.setdefault(dest, collections.deque()).append(job)
-        else:
+        if self._stopping:
             return False
+        if not self._has_room(dest, limit):
+            return False
+        # Through the line, so jobs planned earlier start first (it is empty unless the limit was raised).
+        self._ready.setdefault(dest, collections.deque()).append(job)
+        self._start_ready(limit, dest)
         qid = job.queue_id
         self._jobs_of[qid] = self._jobs_of.get(qid, 0) + 1
         self._busy.update((qid, i) for i in job.indexes)
         return True
+
+    def _start_ready(self, limit: int, only: Optional[str] = None) -> None:
+        """Start jobs from the head of ready lines while their destination has room (``_lock`` held)."""
+        for dest in [only] if only is not None else list(self._ready):
+            line = self._ready.get(dest)
+            while line and self._active.get(dest, 0) < limit:
+                self._active[dest] = self._active.get(dest, 0) + 1
+                self._jobs.put(line.popleft())
+            if line is not None and not line:
+                del self._ready[dest]
 
     def _release(self, job: Job, kept: FrozenSet[int] = frozenset()) -> None:
         """A job ended or was dropped: its recipients (but ``kept``) are free to plan (``_lock`` held)."""
@@ -597,23 +610,33 @@ class Scheduler:
                 outcome = self._run(job)
             except Exception:
                 log.exception("%s: delivery job failed", job.queue_id)
+            except BaseException:
+                self._job_done(job, outcome, go_on=False)  # the thread ends: start nothing in it
+                raise
             job = self._job_done(job, outcome)
 
-    def _job_done(self, job: Job, outcome: Outcome) -> Optional[Job]:
-        """Account for a finished job; returns the next job of its destination's ready line, started."""
+    def _job_done(self, job: Job, outcome: Outcome, go_on: bool = True) -> Optional[Job]:
+        """Account for a finished job; returns the next job of its destination's ready line, started.
+
+        That job is this worker's only while no other job waits for a worker: else it queues behind them,
+        so a busy destination never keeps workers from the jobs of others (first come, first served).
+        """
         qid = job.queue_id
         dest = job.destination
         with self._lock:
             line = self._ready.get(dest)
             # The limit as planning last read it: a reload that lowered it shortens the line's run.
             room = self._active.get(dest, 0) <= self._limit
-            following = line.popleft() if line and room and not self._stopping else None
+            following = line.popleft() if line and room and go_on and not self._stopping else None
             if line is not None and not line:
                 del self._ready[dest]
-            if following is None:  # else the next job takes over this one's place in ``_active``
+            if following is None:
                 self._active[dest] -= 1
                 if not self._active[dest]:
                     del self._active[dest]
+            elif not self._jobs.empty():
+                self._jobs.put(following)  # it takes over this job's place in ``_active``
+                following = None
             # Recipients whose results are kept in memory stay busy until they are saved (``_unkeep``).
             what, kept = outcome
             self._release(job, kept)

@@ -31,6 +31,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import BinaryIO
@@ -226,20 +227,22 @@ class _Feeder:
 
     def next_bytes(self) -> bytes:
         """Bytes still to write (refilled from the file when empty); b'' once everything is written."""
-        if self.pending or self.eof:
-            return self.pending
+        while not self.pending and not self.eof:  # a read of a lone CR leaves nothing to write yet
+            self._refill()
+        return self.pending
+
+    def _refill(self) -> None:
         head, self.header = self.header, b""
         chunk = self.body.read(CHUNK)
         if not chunk:
             self.eof = True
             self.pending, self.held_cr = head + self.held_cr, b""
-            return self.pending
+            return
         data = self.held_cr + chunk
         self.held_cr = b""
         if data.endswith(b"\r"):
             data, self.held_cr = data[:-1], b"\r"
         self.pending = head + data.replace(b"\r\n", b"\n")
-        return self.pending
 
     def consumed(self, n: int) -> None:
         self.pending = self.pending[n:]
@@ -302,20 +305,22 @@ def _close_fd(fd: int) -> None:
 
 
 _devnull_fd = [-1]
+_devnull_lock = threading.Lock()
 
 
 def _devnull() -> int:
     """One descriptor of /dev/null for every child's stdout, opened once."""
-    if _devnull_fd[0] < 0:
-        _devnull_fd[0] = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    return _devnull_fd[0]
+    with _devnull_lock:
+        if _devnull_fd[0] < 0:
+            _devnull_fd[0] = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        return _devnull_fd[0]
 
 
 def _spawn(argv: list[str], env: dict[str, str], delivery: Delivery, end: float, cwd: str,
            body: BinaryIO) -> Result:
     try:
-        pipes = _Pipes()
         devnull = _devnull()
+        pipes = _Pipes()
     except OSError as exc:
         return Result(TEMPFAIL, f"cannot make pipes: {exc.strerror or exc}", "4.3.0")
     try:
@@ -350,11 +355,13 @@ def _supervise(proc: subprocess.Popen[bytes], pipes: _Pipes, feeder: _Feeder, en
                outcome: _Outcome) -> None:
     """Feed stdin, drain stderr and wait for exit in one loop; kill the group at ``end``.
 
-    The pipes drive the loop: the child's exit is looked for when they are both done, or when nothing
-    happened on them for ``POLL`` seconds (a grandchild may keep them open after the child exited).
+    The pipes drive the loop; the child's exit is looked for when they are both done, and otherwise every
+    ``POLL`` seconds (a grandchild may keep them open, even busy, after the child exited), not after
+    every write.
     """
     os.set_blocking(pipes.stdin, False)
     stderr_open = True
+    next_check = time.monotonic() + POLL
     while True:
         remaining = end - time.monotonic()
         if remaining <= 0:
@@ -376,8 +383,11 @@ def _supervise(proc: subprocess.Popen[bytes], pipes: _Pipes, feeder: _Feeder, en
         ready = _ready(readers, writers, min(remaining, POLL))
         if pipes.stderr in ready and not _drain(pipes.stderr, outcome):
             stderr_open = False
-        if not ready and proc.poll() is not None:
-            break
+        now = time.monotonic()
+        if not ready or now >= next_check:
+            next_check = now + POLL
+            if proc.poll() is not None:
+                break
     if stderr_open:
         _drain_ready(pipes.stderr, outcome)
 

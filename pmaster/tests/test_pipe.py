@@ -361,3 +361,25 @@ def test_deliveries_leave_no_descriptor_behind(tmp_path):
         deliver(make_delivery(tmp_path), None, command)
     deliver(make_delivery(tmp_path), section("/nonexistent/program"), None)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_exit_is_noticed_while_a_grandchild_keeps_stderr_busy(tmp_path):
+    started = time.monotonic()
+    result = deliver(make_delivery(tmp_path), section("/bin/sh", "-c", "cat > /dev/null; (yes >&2 &); exit 0",
+                                                     timeout=20), None)[0]
+    assert result.status == OK  # not a timeout: the message was delivered and must not be delivered again
+    assert time.monotonic() - started < 10
+
+
+def test_lone_cr_read_at_the_end_of_a_large_body_is_kept():
+    import io
+    body = b"a" * pipe.CHUNK + b"\r"  # the last read returns just the CR
+    feeder = pipe._Feeder(io.BytesIO(body), "")
+    out = b""
+    for _ in range(10):
+        data = feeder.next_bytes()
+        if not data:
+            break
+        out += data
+        feeder.consumed(len(data))
+    assert out == b"Return-Path: <>\n" + b"a" * pipe.CHUNK + b"\r"

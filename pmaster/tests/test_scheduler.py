@@ -778,6 +778,64 @@ def test_a_message_that_waited_for_room_goes_before_one_that_arrived_later(tmp_p
         s.sched.stop(time.monotonic() + 5)
 
 
+
+def _logging_pipes(tmp_path, *specs):
+    """[pipe NAME] sections that log the recipient to order.log when they start, then sleep."""
+    extra = ""
+    for name, script in specs:
+        path = os.path.join(str(tmp_path), "%s.sh" % name)
+        with open(path, "w") as f:
+            f.write('echo "$1" >> "%s/order.log"\ncat > /dev/null\n%s\n' % (tmp_path, script))
+        extra += "[pipe %s]\n  exec = /bin/sh %s ${RCPT_TO}\n" % (name, path)
+    return extra
+
+
+def _order(tmp_path):
+    try:
+        with open(os.path.join(str(tmp_path), "order.log")) as f:
+            return f.read().split()
+    except FileNotFoundError:
+        return []
+
+
+def test_busy_destinations_do_not_keep_workers_from_another_destination(tmp_path):
+    extra = _logging_pipes(tmp_path, ("a", "sleep 0.2"), ("b", "sleep 0.2"), ("c", ""))
+    s = Setup(tmp_path, workers=3, dc=2, extra=extra)
+    for i in range(20):
+        s.inject([("a%d@x.test" % i, "pipe", "a")])
+        s.inject([("b%d@x.test" % i, "pipe", "b")])
+    s.sched.start()  # both destinations have a backlog in their ready lines
+    try:
+        assert wait_for(lambda: len(_order(tmp_path)) >= 4, 10)
+        s.inject([("c@x.test", "pipe", "c")])
+        assert wait_for(lambda: "c@x.test" in _order(tmp_path), 15)
+        # First come, first served: the job waited for the next free worker, not for both backlogs.
+        assert _order(tmp_path).index("c@x.test") < 20, _order(tmp_path)
+    finally:
+        s.sched.stop(time.monotonic() + 5)
+
+
+def test_raised_destination_concurrency_starts_the_ready_line_before_newer_mail(tmp_path):
+    release = tmp_path / "release"
+    hold_a = 'case "$1" in a@*) while [ ! -e "%s" ]; do sleep 0.05; done ;; *) sleep 0.2 ;; esac' % release
+    extra = _logging_pipes(tmp_path, ("slow", hold_a))
+    s = Setup(tmp_path, workers=5, dc=1, extra=extra)
+    for name in ("a", "b", "c", "d"):
+        s.inject([("%s@x.test" % name, "pipe", "slow")])
+    s.sched.start()  # a runs until released; b, c and d wait in the ready line
+    try:
+        assert wait_for(lambda: _order(tmp_path) == ["a@x.test"], 10)
+        s.reload(workers=5, dc=3, max_rcpt=16, extra=extra, postmaster="pipe(cat > /dev/null)", temp_exit=75)
+        assert wait_for(lambda: set(_order(tmp_path)[1:3]) == {"b@x.test", "c@x.test"}, 10), _order(tmp_path)
+        s.inject([("e@x.test", "pipe", "slow")])
+        assert wait_for(lambda: "e@x.test" in _order(tmp_path), 10)
+        order = _order(tmp_path)
+        assert order[-1] == "e@x.test" and set(order[:4]) == {"a@x.test", "b@x.test", "c@x.test", "d@x.test"}
+    finally:
+        release.touch()
+        s.sched.stop(time.monotonic() + 5)
+
+
 BIG_HEADERS = (b"From: a@src.test\r\nSubject: big\r\nMessage-ID: <big@src.test>\r\n"
                + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"x" * 70) for i in range(300)) + b"\r\nhello\r\n")
 
