@@ -660,7 +660,8 @@ class _Job:
         parked = self.take_cached(target)
         if parked is not None:
             try:
-                return self.drive(_Session(self, parked.client, target, rcpts, parked), _Session.reuse)
+                return self.drive(_Session(self, parked.client, target, rcpts, parked, reused=True),
+                                  _Session.reuse)
             except _Stale as exc:
                 # The server dropped the idle session: not a failure of the host, so connect afresh.
                 log.debug("%s: cached session with %s is stale (%s); connecting again", self.qid, target, exc)
@@ -752,14 +753,16 @@ def _sendable(address: str) -> bool:
 
 class _Session:
     def __init__(self, job: _Job, client: smtplib.SMTP, target: _Target, rcpts: List[Recipient],
-                 conn: _Parked):
+                 conn: _Parked, reused: bool = False):
         self.job = job
         self.client = client
         self.target = target
         self.rcpts = rcpts
         self.t = job.timeouts
         self.conn = conn  # the connection's life: age and transactions, carried through the cache
-        self.reused = conn.uses > 0
+        # Taken from the cache (even one parked before any MAIL was accepted, after a SIZE refusal): a 421
+        # to MAIL then means the server dropped an idle session, not that the host fails.
+        self.reused = reused
         self.tls = False
         self.clean = False  # the last command got its final reply and no transaction is open: parkable
         self.rcpts_answered = False  # some RCPT of this transaction got its own reply: no next host now

@@ -822,6 +822,18 @@ def test_421_to_mail_on_a_cached_session_connects_afresh_to_the_same_host(tmp_pa
         assert commands(sink.sessions[0])[-1] == "MAIL"
 
 
+def test_421_to_mail_on_a_session_parked_after_a_size_refusal_connects_afresh(tmp_path, fresh_cache,
+                                                                               fresh_refused_memo, monkeypatch):
+    monkeypatch.setattr(relay, "PROBE_AFTER", 60.0)  # so the dead session really gets its MAIL
+    with SmtpSink(pipelining=False, size_limit=200, idle_timeout=0.2) as sink:
+        too_big = send(make_delivery(tmp_path, ["a@x.test"], body=BODY + b"x" * 300), hosts=(hostport(sink),))
+        assert statuses(too_big) == [PERMFAIL]  # no MAIL was sent; the session was parked
+        assert wait_for(lambda: sink.open_sessions == 0, timeout=3)  # 421 and hang-up while parked
+        results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(sink),))
+        assert statuses(results) == [OK]
+        assert sink.connections == 2 and not fresh_refused_memo.skipped(*sink.address)
+
+
 def test_421_to_mail_on_a_fresh_session_still_moves_to_the_next_host(tmp_path):
     with SmtpSink(mail_reply="421 4.3.2 going down") as first, SmtpSink() as second:
         results = send(make_delivery(tmp_path, ["a@x.test"]), hosts=(hostport(first), hostport(second)))
