@@ -817,7 +817,9 @@ def test_busy_destinations_do_not_keep_workers_from_another_destination(tmp_path
 
 def test_raised_destination_concurrency_starts_the_ready_line_before_newer_mail(tmp_path):
     release = tmp_path / "release"
-    hold_a = 'case "$1" in a@*) while [ ! -e "%s" ]; do sleep 0.05; done ;; *) sleep 0.2 ;; esac' % release
+    # a runs until released; c runs long enough that d (the line's head) starts well before e.
+    hold_a = ('case "$1" in a@*) while [ ! -e "%s" ]; do sleep 0.05; done ;; c@*) sleep 1 ;; *) sleep 0.2 ;; esac'
+              % release)
     extra = _logging_pipes(tmp_path, ("slow", hold_a))
     s = Setup(tmp_path, workers=5, dc=1, extra=extra)
     for name in ("a", "b", "c", "d"):
