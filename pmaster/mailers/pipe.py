@@ -323,6 +323,8 @@ def _spawn(argv: list[str], env: dict[str, str], delivery: Delivery, end: float,
         pipes = _Pipes()
     except OSError as exc:
         return Result(TEMPFAIL, f"cannot make pipes: {exc.strerror or exc}", "4.3.0")
+    proc: subprocess.Popen[bytes] | None = None
+    outcome = _Outcome()
     try:
         try:
             with affinity.widened():  # the daemon's threads share one CPU; the program may use any
@@ -333,17 +335,14 @@ def _spawn(argv: list[str], env: dict[str, str], delivery: Delivery, end: float,
             detail = getattr(exc, "strerror", None) or str(exc)
             return Result(TEMPFAIL, f"cannot execute {argv[0]}: {detail}", "4.3.0")
         pipes.close_child_ends()  # else no end of file on stderr when the child exits
-        outcome = _Outcome()
         try:
             _supervise(proc, pipes, _Feeder(body, delivery.envelope.sender), end, outcome)
         except OSError as exc:
             return Result(TEMPFAIL, f"pipe I/O error: {exc.strerror or exc}", "4.3.0")
-        finally:
-            pipes.close_all()
-            if proc.returncode is None:
-                _kill_group(proc)
     finally:
         pipes.close_all()
+        if proc is not None and proc.returncode is None:
+            _kill_group(proc)
     if outcome.timed_out:
         return Result(TEMPFAIL, "timeout", "4.3.0")
     if outcome.read_error:
