@@ -437,6 +437,11 @@ class _BackgroundSync:
                 self._cond.notify_all()
 
 
+def _stamp(saved: int, st: os.stat_result) -> tuple[int, int, int, int]:
+    """A ``Spool.stamp``: whether ``ID.env`` exists, and the identity of the file that holds the envelope."""
+    return saved, st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class SpoolLock:
     """An exclusive ``flock`` on the record ``queue/ID.msg``; use ``with spool.lock(qid):``.
 
@@ -512,9 +517,8 @@ class SpoolLock:
         try:
             st = os.stat(self._env_path)
         except FileNotFoundError:
-            st = self._record
-            return 0, st.st_ino, st.st_mtime_ns, st.st_size
-        return 1, st.st_ino, st.st_mtime_ns, st.st_size
+            return _stamp(0, self._record)
+        return _stamp(1, st)
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
@@ -822,7 +826,7 @@ class Spool:
         except FileNotFoundError:
             st = os.stat(self._path(QUEUE, qid, BODY_SUFFIX))
             saved = 0
-        return saved, st.st_ino, st.st_mtime_ns, st.st_size
+        return _stamp(saved, st)
 
     def body_path(self, qid: str) -> str:
         """``queue/ID.msg``: read its body with ``open_body_file`` (the record holds more than the body)."""
@@ -1030,7 +1034,7 @@ class SpoolWriter:
             del self._buf[:]
             os.fsync(self._fd)
             st = os.fstat(self._fd)
-            self.stamp = (0, st.st_ino, st.st_mtime_ns, st.st_size)  # as Spool.stamp gives it until a save
+            self.stamp = _stamp(0, st)  # as Spool.stamp gives it until a save
             self._close()
             os.rename(self._tmp_path, body_dst)
             spool._sync_queue_dir()
