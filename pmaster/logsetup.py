@@ -5,19 +5,23 @@ API: ``configure(config, foreground) -> None`` installs handlers on the ``pmaste
   ``StrftimeFileHandler(pattern)``: expands the pattern at each write, so a new day opens a new file.
   ``hand_over(uid, gid)``: before the daemon drops privileges, opens the current log files and gives them
   (and the directories this module created for them) to the new owner.
+  ``EventLog(name)``: a logger's ``info`` for lines logged per message (the sessions' connect, queued and
+  disconnect lines), which skips the ``LogRecord`` when only our handlers listen; the lines are the same.
+  ``flush()``: waits (bounded) until every queued line is written.
 Invariants: one line per event; no tracebacks in syslog lines (they are folded onto one line); the line of
   an event about a message starts with its queue id (the callers' duty; the formats put nothing between the
   level and the message). When syslog cannot be reached, stderr is used with one warning (SPEC 2).
 Errors: a log file that cannot be written is reported once on stderr per file and never raises into the
   caller (logging must not stop mail).
-Threading: ``configure`` runs in the main thread (start and SIGHUP); handlers lock around their writes.
+Threading: ``configure`` runs in the main thread (start and SIGHUP); handlers lock around their writes;
+  one writer thread per process writes every line (``_Async``, ``EventLog``).
 """
 
 import atexit
+import collections
 import logging
 import logging.handlers
 import os
-import queue
 import sys
 import threading
 import time
@@ -45,6 +49,14 @@ class _Formatter(logging.Formatter):
         if cached[0] != second:
             cached = self._cached = (second, time.strftime(self.default_time_format, self.converter(second)))
         return self.default_msec_format % (cached[1], record.msecs)
+
+    def stamp(self, created: float) -> str:
+        """``asctime`` of a record created at ``created``, as ``formatTime`` renders it."""
+        second = int(created)
+        cached = self._cached
+        if cached[0] != second:
+            cached = self._cached = (second, time.strftime(self.default_time_format, self.converter(second)))
+        return self.default_msec_format % (cached[1], (created - second) * 1000)
 
 
 class StrftimeFileHandler(logging.Handler):
@@ -79,6 +91,24 @@ class StrftimeFileHandler(logging.Handler):
                     self._stream.flush()
         except Exception:
             self.handleError(record)
+
+    def write_event(self, name: str, created: float, message: str) -> None:
+        """Write an ``EventLog`` line: the line ``emit`` would write for an INFO record of ``name``."""
+        formatter = self.formatter
+        if not isinstance(formatter, _Formatter) or formatter._fmt != _FORMAT_FILE:
+            self.handle(_event_record(name, created, message))
+            return
+        try:
+            line = "%s %s[%d]: INFO: %s\n" % (formatter.stamp(created), name, _pid[0], message.replace("\n", " | "))
+            path = self._expand(created)
+            with self._io:
+                if path != self._path:
+                    self._open(path)
+                self._stream.write(line)
+                if not self.batched:
+                    self._stream.flush()
+        except Exception:
+            self.handleError(_event_record(name, created, message))
 
     def _expand(self, when: float) -> str:
         second = int(when)
@@ -179,9 +209,83 @@ class _Async(logging.Handler):
             if record.exc_info:
                 record.exc_text = logging.Formatter().formatException(record.exc_info)
                 record.exc_info = None
-            _writer().put((self.target, record))
+            _post((self.target, record))
         except Exception:
             self.handleError(record)
+
+
+class EventLog:
+    """``info`` for the lines a busy daemon writes per message (connect, queued, disconnect), cheaply.
+
+    Why: through ``logging.Logger`` each line builds a ``LogRecord`` and passes filters and handler locks;
+    the three lines of a message came to a tenth of the daemon's CPU at 20 sessions (scripts/bench-smtp).
+    When every handler on the logger's way up is one ``configure`` installed (``_Async``, no filters),
+    ``info`` queues (handler, (name, time, message)) for the writer thread, which writes the very line the
+    record would have given. Anything else on the way (a test's capturing handler, a filter) gets a real
+    record through the logger. ``warning``, ``error`` and ``exception`` always go through the logger.
+    """
+
+    __slots__ = ("logger",)
+
+    def __init__(self, name: str):
+        self.logger = logging.getLogger(name)
+
+    def info(self, msg: str, *args: object) -> None:
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        targets = _plain_targets(logger)
+        if targets is None:
+            logger.info(msg, *args)
+            return
+        event = (logger.name, time.time(), msg % args if args else msg)
+        for target in targets:
+            _post((target, event))
+
+    def warning(self, msg: str, *args: object) -> None:
+        self.logger.warning(msg, *args)
+
+    def error(self, msg: str, *args: object) -> None:
+        self.logger.error(msg, *args)
+
+    def exception(self, msg: str, *args: object) -> None:
+        self.logger.exception(msg, *args)
+
+
+def _plain_targets(logger: logging.Logger) -> Optional[List[logging.Handler]]:
+    """The handlers an INFO record of ``logger`` would reach, when all are ``_Async`` without filters."""
+    if logger.disabled:
+        return None
+    targets = []
+    current: Optional[logging.Logger] = logger
+    while current is not None:
+        if current.filters:
+            return None
+        for handler in current.handlers:
+            if type(handler) is not _Async or handler.filters or handler.level > logging.INFO:
+                return None
+            if handler.target.filters or handler.target.level > logging.INFO:
+                return None
+            targets.append(handler.target)
+        if not current.propagate:
+            break
+        current = current.parent
+    return targets
+
+
+def _event_record(name: str, created: float, message: str) -> logging.LogRecord:
+    record = logging.LogRecord(name, logging.INFO, "", 0, message, None, None)
+    record.created = created
+    record.msecs = (created - int(created)) * 1000
+    record.process = _pid[0]
+    return record
+
+
+def _write_event(target: logging.Handler, event: Tuple[str, float, str]) -> None:
+    if isinstance(target, StrftimeFileHandler):
+        target.write_event(*event)
+    else:
+        target.handle(_event_record(*event))
 
 
 _pid = [os.getpid()]
@@ -198,14 +302,31 @@ def _cheap_records() -> None:
 
 
 _cheap_records()
-_queue: "queue.Queue" = queue.Queue()
+
+# The writer's queue: a deque (append and popleft are atomic: no lock per line). The writer waits on
+# _wake only after it found the queue empty and said so in _writer_idle; _writing is up while it holds
+# lines taken from the queue but not yet written (``flush`` waits for both).
+_lines: "collections.deque" = collections.deque()
+_wake = threading.Event()
+_writer_idle = [False]
+_writing = [False]
+
+
+def _post(item: tuple) -> None:
+    _writer()
+    _lines.append(item)
+    if _writer_idle[0]:
+        _wake.set()
 
 
 def _after_fork_in_child() -> None:
-    """The writer thread does not survive a fork, and it may have held the queue's lock at that moment:
-    the child starts over with a fresh queue (lines queued before the fork belong to the parent)."""
-    global _queue
-    _queue = queue.Queue()
+    """The writer thread does not survive a fork: the child starts over with an empty queue (lines
+    queued before the fork belong to the parent)."""
+    global _lines, _wake
+    _lines = collections.deque()
+    _wake = threading.Event()
+    _writer_idle[0] = False
+    _writing[0] = False
     _writer_pid[0] = 0
 
 
@@ -214,33 +335,31 @@ _writer_pid = [0]
 _writer_lock = threading.Lock()
 
 
-def _writer() -> "queue.Queue":
+def _writer() -> None:
     if _writer_pid[0] != _pid[0]:
         with _writer_lock:
             if _writer_pid[0] != _pid[0]:
                 threading.Thread(target=_write_loop, name="log-writer", daemon=True).start()
                 _writer_pid[0] = _pid[0]
-    return _queue
 
 
 _GATHER_SECONDS = 0.02
+_BATCH = 512
 
 
 def _write_loop() -> None:
     """Write what is queued in batches: one wake-up and one flush per handler per batch, not per line."""
     while True:
-        batch = [_queue.get()]
-        while len(batch) < 512:
-            try:
-                batch.append(_queue.get_nowait())
-            except queue.Empty:
-                break
+        batch = _take_batch()
         targets = []
-        for target, record in batch:
+        for target, item in batch:
             try:
                 if isinstance(target, StrftimeFileHandler):
                     target.batched = True
-                target.handle(record)
+                if type(item) is tuple:
+                    _write_event(target, item)
+                else:
+                    target.handle(item)
             except Exception:  # a broken log must not stop logging
                 pass
             if target not in targets:
@@ -250,18 +369,33 @@ def _write_loop() -> None:
                 target.flush()
             except Exception:
                 pass
-        for _ in batch:
-            _queue.task_done()
-        # Let lines gather: a busy daemon logs 5 lines per message, and waking this thread for each one
+        _writing[0] = False
+        # Let lines gather: a busy daemon logs 3 lines per message, and waking this thread for each one
         # costs an interpreter-lock hand-off per line. A line waits at most this long.
-        if len(batch) < 512:
+        if len(batch) < _BATCH:
             time.sleep(_GATHER_SECONDS)
+
+
+def _take_batch() -> list:
+    """Up to _BATCH queued items, waiting for the first one."""
+    lines = _lines
+    while not lines:
+        _writer_idle[0] = True
+        if not lines:  # looked at again: a _post that saw the flag still down did not wake us
+            _wake.wait(1.0)
+        _wake.clear()
+        _writer_idle[0] = False
+    _writing[0] = True
+    batch = []
+    while lines and len(batch) < _BATCH:
+        batch.append(lines.popleft())
+    return batch
 
 
 def flush(timeout: float = 5.0) -> None:
     """Wait (bounded) until every queued log line is written: at exit, so the last lines are not lost."""
     deadline = time.monotonic() + timeout
-    while _queue.unfinished_tasks and time.monotonic() < deadline and _writer_pid[0] == os.getpid():
+    while (_lines or _writing[0]) and time.monotonic() < deadline and _writer_pid[0] == os.getpid():
         time.sleep(0.01)
 
 

@@ -36,6 +36,7 @@ import time
 import uuid
 from typing import Callable, Dict, List, Optional, Tuple
 
+from pmaster import logsetup
 from pmaster import reply as R
 from pmaster.channel import (
     COMMAND_LIMIT,
@@ -396,7 +397,7 @@ class Session:
         self.channel: Optional[Channel] = None
         self.closing = False
         self.started = time.time()
-        self.log = logging.getLogger("pmaster.smtpd.%s" % ident)
+        self.log = logsetup.EventLog("pmaster.smtpd.%s" % ident)
         self.in_data = False
         self.interrupted = False
 

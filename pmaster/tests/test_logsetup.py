@@ -1,6 +1,8 @@
 """Log back-ends: the cached time stamp and the strftime file names agree with what logging would print."""
 
+import io
 import logging
+import re
 import time
 
 from pmaster import logsetup
@@ -36,3 +38,84 @@ def test_log_file_is_named_by_the_time_of_each_line(tmp_path):
     assert names == [time.strftime("mail-%Y%m%d-%H%M%S.log", time.localtime(base + s)) for s in (0, 2)]
     assert (tmp_path / names[0]).read_text().splitlines() == ["first", "same second"]
     assert (tmp_path / names[1]).read_text().splitlines() == ["two seconds later"]
+
+
+# -- EventLog: the per-message lines without a LogRecord ---------------------------------------------------
+
+
+def _private_logger(name: str, handler: logging.Handler) -> logging.Logger:
+    """A logger outside the pmaster tree that does not propagate to pytest's capturing root handler."""
+    logger = logging.getLogger(name)
+    logger.handlers[:] = [logsetup._Async(handler)]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+def test_event_line_is_the_line_a_record_gives(tmp_path):
+    handler = logsetup.StrftimeFileHandler(str(tmp_path / "mail.log"))
+    handler.setFormatter(logsetup._Formatter(logsetup._FORMAT_FILE))
+    logger = _private_logger("pmtest.events.same", handler)
+    try:
+        assert logsetup._plain_targets(logger) == [handler]  # the cheap path is taken
+        logsetup.EventLog(logger.name).info("connect from [%s]:%s", "127.0.0.1", 2525)
+        logger.info("connect from [%s]:%s", "127.0.0.1", 2525)
+        logsetup.flush()
+    finally:
+        handler.close()
+    event, record = (tmp_path / "mail.log").read_text().splitlines()
+    stamp = len("2026-01-01 00:00:00,000 ")
+    assert event[stamp:] == record[stamp:] == "pmtest.events.same[%d]: INFO: connect from [127.0.0.1]:2525" % (
+        logsetup._pid[0])
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} $", event[:stamp])
+
+
+def test_event_goes_through_the_logger_when_another_handler_listens():
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = _private_logger("pmtest.events.foreign", logging.NullHandler())
+    logger.addHandler(Keep())
+    assert logsetup._plain_targets(logger) is None
+    logsetup.EventLog(logger.name).info("%s: from=<%s>", "QID", "a@b.test")
+    assert seen == ["QID: from=<a@b.test>"]
+
+
+def test_event_reaches_a_stream_handler_as_a_formatted_line():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    logger = _private_logger("pmtest.events.stream", handler)
+    logsetup.EventLog(logger.name).info("disconnect from [%s]", "::1")
+    logsetup.flush()
+    assert stream.getvalue() == "pmtest.events.stream INFO disconnect from [::1]\n"
+
+
+def test_flush_returns_after_every_queued_event_is_written(tmp_path):
+    handler = logsetup.StrftimeFileHandler(str(tmp_path / "mail.log"))
+    handler.setFormatter(logsetup._Formatter(logsetup._FORMAT_FILE))
+    logger = _private_logger("pmtest.events.many", handler)
+    events = logsetup.EventLog(logger.name)
+    try:
+        for n in range(3000):  # several of the writer's batches
+            events.info("line %d", n)
+        logsetup.flush()
+        lines = (tmp_path / "mail.log").read_text().splitlines()
+    finally:
+        handler.close()
+    assert [line.rsplit(" ", 1)[1] for line in lines] == [str(n) for n in range(3000)]
+
+
+def test_event_below_the_logger_level_is_dropped(tmp_path):
+    handler = logsetup.StrftimeFileHandler(str(tmp_path / "mail.log"))
+    logger = _private_logger("pmtest.events.quiet", handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        logsetup.EventLog(logger.name).info("not written")
+        logsetup.flush()
+    finally:
+        handler.close()
+    assert not (tmp_path / "mail.log").exists()
