@@ -7,7 +7,7 @@ API:
      None rescans the spool), ``stop(deadline)`` (finish or abandon deliveries in progress by ``deadline``;
      jobs not started yet are not started), ``in_flight`` (mailer calls running), ``queued_jobs`` (planned,
      waiting for a worker or in a destination's ready line), ``idle()``.
-  ``plan_jobs(env, config, now, busy)``: pure grouping of due recipients into delivery jobs: pipe batches of
+  ``plan_jobs(env, config, now, busy, stamp=None)``: pure grouping of due recipients into delivery jobs: pipe batches of
      up to ``max_rcpt_to``, relay batches of up to 100 per destination, ``relay()`` per recipient domain.
   ``destination_limit(config)``: jobs per destination at once: ``destination-concurrency``, at most
      ``workers - 1`` (so one worker is always free for other destinations).
@@ -136,8 +136,10 @@ def batch_limit(r: Recipient, config: Config) -> int:
     return pipe.max_rcpt_to if pipe is not None else 1
 
 
-def plan_jobs(env: Envelope, config: Config, now: float, busy: Set[Tuple[str, int]]) -> List[Job]:
-    """Group the due, idle, pending recipients of one message into jobs (pure); each job carries ``env``."""
+def plan_jobs(env: Envelope, config: Config, now: float, busy: Set[Tuple[str, int]],
+              stamp: Optional[Stamp] = None) -> List[Job]:
+    """Group the due, idle, pending recipients of one message into jobs (pure); each job carries ``env``
+    and the ``stamp`` of the record it was read from."""
     if env.held:
         return []
     groups: Dict[str, List[int]] = {}
@@ -151,7 +153,7 @@ def plan_jobs(env: Envelope, config: Config, now: float, busy: Set[Tuple[str, in
         size = batch_limit(first, config)
         for start in range(0, len(idxs), size):
             jobs.append(Job(env.queue_id, first.mailer, first.target, dest, tuple(idxs[start:start + size]),
-                            envelope=env))
+                            envelope=env, stamp=stamp))
     return jobs
 
 
@@ -569,13 +571,16 @@ class Scheduler:
             if not self._finish(qid):
                 self._make_due(qid, now + TRIGGER_CHECK)  # someone holds its lock: look again soon
             return
-        waits = False
+        destinations = _pending_destinations(env)
+        # Every destination at its limit (the busiest case, e.g. a slow smart host): the message waits
+        # for room without jobs built and thrown away; planned in full when a destination has room.
+        waits = not env.held and bool(destinations) and self._all_full(qid, destinations, limit)
         with self._lock:
-            jobs = plan_jobs(env, config, now, self._busy)
-            for job in jobs:
-                if not self._place(dataclasses.replace(job, stamp=stamp), limit):
-                    self._waiting.setdefault(job.destination, {})[qid] = None
-                    waits = True
+            if not waits:
+                for job in plan_jobs(env, config, now, self._busy, stamp):
+                    if not self._place(job, limit):
+                        self._waiting.setdefault(job.destination, {})[qid] = None
+                        waits = True
             in_flight = qid in self._jobs_of
             due_idle = [r.next_attempt for i, r in enumerate(env.recipients)
                         if r.state == PENDING and (qid, i) not in self._busy]
@@ -591,7 +596,7 @@ class Scheduler:
         if info is None:
             info = self._known[qid] = _Known(stamp, None, frozenset())
         info.stamp = stamp
-        info.destinations = _pending_destinations(env)
+        info.destinations = destinations
         self._set_due(qid, info, due)
         if waits and len(self._cache) < MAX_CACHED:
             self._cache[qid] = (stamp, env)  # planned again as soon as the destination has room

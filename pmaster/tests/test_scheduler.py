@@ -815,6 +815,34 @@ def test_busy_destinations_do_not_keep_workers_from_another_destination(tmp_path
         s.sched.stop(time.monotonic() + 5)
 
 
+def test_a_message_whose_destinations_are_all_full_goes_out_once_when_there_is_room(tmp_path, monkeypatch):
+    monkeypatch.setattr(sched_mod, "READY_PER_DESTINATION", 1)
+    s = Setup(tmp_path, workers=3, dc=1, extra=_logging_pipes(tmp_path, ("a", "sleep 0.3")))
+    s.sched.start()
+    try:
+        qids = [s.inject([("a%d@x.test" % i, "pipe", "a")]) for i in range(4)]  # running, line, 2 waiting
+        assert wait_for(lambda: not any(s.spool.exists(q) for q in qids), 15)
+        assert _order(tmp_path) == ["a0@x.test", "a1@x.test", "a2@x.test", "a3@x.test"]
+    finally:
+        s.sched.stop(time.monotonic() + 5)
+
+
+def test_a_message_waiting_at_a_full_destination_still_goes_out_at_a_free_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(sched_mod, "READY_PER_DESTINATION", 1)
+    s = Setup(tmp_path, workers=3, dc=1, extra=_logging_pipes(tmp_path, ("a", "sleep 1"), ("c", "")))
+    s.sched.start()
+    try:
+        s.inject([("a0@x.test", "pipe", "a")])
+        s.inject([("a1@x.test", "pipe", "a")])
+        assert wait_for(lambda: _order(tmp_path) == ["a0@x.test"], 10)
+        qid = s.inject([("a2@x.test", "pipe", "a"), ("c@x.test", "pipe", "c")])
+        assert wait_for(lambda: "c@x.test" in _order(tmp_path), 5)
+        assert wait_for(lambda: not s.spool.exists(qid), 15)
+        assert _order(tmp_path) == ["a0@x.test", "c@x.test", "a1@x.test", "a2@x.test"]
+    finally:
+        s.sched.stop(time.monotonic() + 5)
+
+
 def test_raised_destination_concurrency_starts_the_ready_line_before_newer_mail(tmp_path):
     release = tmp_path / "release"
     # a runs until released; c runs long enough that d (the line's head) starts well before e.
