@@ -52,6 +52,7 @@ _TLS_SEND_SIZE = 16384  # one TLS record
 _CRLF_DOT = b"\r\n."
 _END_AFTER_CRLF = b".\r\n"
 _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
+_FIELD_NAME = re.compile(rb"[!-9;-~]+:")
 _HEADER_PREFIX = 128  # bytes of each header line kept to classify it
 _HAVE_POLL = hasattr(select, "poll")
 _TIMEO_SLACK = 0.05  # seconds a kernel-side timeout may differ from the time left before it is set again
@@ -466,9 +467,5 @@ class _HeaderCounter:
 
 
 def _is_header_start(line: bytes) -> bool:
-    colon = line.find(b":")
-    if colon <= 0:
-        return False
-    name = line[:colon]
     # RFC 5322 2.2: field names are printable US-ASCII without colon or space
-    return all(33 <= c <= 126 for c in name)
+    return _FIELD_NAME.match(line) is not None

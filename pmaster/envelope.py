@@ -43,6 +43,8 @@ def normalize_address(addr: str) -> str:
 
 
 def _last_unquoted_at(addr: str) -> int:
+    if '"' not in addr:
+        return addr.rfind("@")
     in_quote = False
     escaped = False
     last = -1

@@ -303,7 +303,8 @@ class Scheduler:
                     self._fresh[qid] = fresh
             else:
                 self._rescan = True
-        self._wake.set()
+        if not self._wake.is_set():  # set already: the round to come sees the dirty set (cleared before it)
+            self._wake.set()
 
     def stop(self, deadline: float) -> None:
         """Stop planning; deliveries in progress get until ``deadline`` (time.monotonic) to finish."""

@@ -28,6 +28,7 @@ Errors: ``listen_addresses`` and ``Listener`` raise ``PmasterError`` with one li
 import email.utils
 import errno
 import logging
+import re
 import socket
 import socketserver
 import sys
@@ -743,8 +744,11 @@ def _date_now() -> str:
     return cached[1]
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def _header_safe(text: str) -> str:
-    return "".join(c if c >= " " and c != "\x7f" else "?" for c in text)[:200]
+    return _CONTROL.sub("?", text[:200])
 
 
 class _SafeSink:

@@ -96,7 +96,7 @@ def new_queue_id() -> str:
         # Strictly increasing within the process, even when the clock stands still or steps back.
         now_us = max(time.time_ns() // 1000, _id_last_us + 1)
         _id_last_us = now_us
-    suffix = "".join(_id_random().choice(_ID_CHARS) for _ in range(_ID_RANDOM))
+    suffix = "".join(_id_random().choices(_ID_CHARS, k=_ID_RANDOM))
     return f"{now_us:013X}{suffix}"
 
 
@@ -610,6 +610,7 @@ class Spool:
                  background_removals: bool = False) -> None:
         self.directory = os.path.abspath(directory)
         self._queue_dir = os.path.join(self.directory, QUEUE)
+        self._prefixes: dict[str, str] = {}  # "tmp" -> "/spool/tmp/": four paths per message are built
         self._group_commit = group_commit
         self._queue_dir_sync = _DirSync(self._queue_dir)
         self._queue_sync = GroupSync(self._queue_dir_sync)
@@ -662,7 +663,10 @@ class Spool:
     def _path(self, sub: str, qid: str, suffix: str) -> str:
         if not valid_queue_id(qid):
             raise QueueIdError(f"invalid queue id: {qid!r}")
-        return os.path.join(self.directory, sub, qid + suffix)
+        prefix = self._prefixes.get(sub)
+        if prefix is None:
+            prefix = self._prefixes[sub] = os.path.join(self.directory, sub, "")
+        return prefix + qid + suffix
 
     def _sync_queue_dir(self) -> None:
         if self._group_commit:
