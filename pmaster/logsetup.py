@@ -235,10 +235,15 @@ class EventLog:
         if not logger.isEnabledFor(logging.INFO):
             return
         targets = _plain_targets(logger)
-        if targets is None:
+        if targets is None or (len(args) == 1 and isinstance(args[0], dict)):  # a dict: logging's own rules
             logger.info(msg, *args)
             return
-        event = (logger.name, time.time(), msg % args if args else msg)
+        try:
+            text = msg % args if args else msg
+        except Exception:  # logging reports a bad format on stderr; it never raises into the caller
+            logger.info(msg, *args)
+            return
+        event = (logger.name, time.time(), text)
         for target in targets:
             _post((target, event))
 

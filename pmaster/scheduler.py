@@ -180,6 +180,13 @@ def destination_limit(config: Config) -> int:
     return max(1, min(limit, workers - 1)) if workers > 1 else 1
 
 
+def _ready_destinations(env: Envelope, now: float, busy: Set[Tuple[str, int]]) -> Set[str]:
+    """Destinations of the recipients ``plan_jobs`` would put in jobs now (pending, due, not busy)."""
+    qid = env.queue_id
+    return {destination_of(r) for i, r in enumerate(env.recipients)
+            if r.state == PENDING and r.next_attempt <= now and (qid, i) not in busy}
+
+
 def _pending_destinations(env: Envelope) -> FrozenSet[str]:
     return frozenset(destination_of(r) for r in env.recipients if r.state == PENDING)
 
@@ -303,7 +310,8 @@ class Scheduler:
                     self._fresh[qid] = fresh
             else:
                 self._rescan = True
-        if not self._wake.is_set():  # set already: the round to come sees the dirty set (cleared before it)
+        # Set already: the planner clears it before the round that swaps _dirty, which sees this message.
+        if not self._wake.is_set():
             self._wake.set()
 
     def stop(self, deadline: float) -> None:
@@ -572,12 +580,15 @@ class Scheduler:
             if not self._finish(qid):
                 self._make_due(qid, now + TRIGGER_CHECK)  # someone holds its lock: look again soon
             return
-        destinations = _pending_destinations(env)
-        # Every destination at its limit (the busiest case, e.g. a slow smart host): the message waits
-        # for room without jobs built and thrown away; planned in full when a destination has room.
-        waits = not env.held and bool(destinations) and self._all_full(qid, destinations, limit)
         with self._lock:
-            if not waits:
+            # Every destination with a recipient to try now at its limit (the busiest case, e.g. a slow
+            # smart host): the message waits there as its jobs would, without them being built and dropped.
+            ready = set() if env.held else _ready_destinations(env, now, self._busy)
+            waits = bool(ready) and not any(self._has_room(d, limit) for d in ready)
+            if waits:
+                for dest in ready:
+                    self._waiting.setdefault(dest, {})[qid] = None
+            else:
                 for job in plan_jobs(env, config, now, self._busy, stamp):
                     if not self._place(job, limit):
                         self._waiting.setdefault(job.destination, {})[qid] = None
@@ -597,7 +608,7 @@ class Scheduler:
         if info is None:
             info = self._known[qid] = _Known(stamp, None, frozenset())
         info.stamp = stamp
-        info.destinations = destinations
+        info.destinations = _pending_destinations(env)
         self._set_due(qid, info, due)
         if waits and len(self._cache) < MAX_CACHED:
             self._cache[qid] = (stamp, env)  # planned again as soon as the destination has room

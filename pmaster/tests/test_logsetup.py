@@ -5,6 +5,8 @@ import logging
 import re
 import time
 
+import pytest
+
 from pmaster import logsetup
 
 
@@ -43,19 +45,24 @@ def test_log_file_is_named_by_the_time_of_each_line(tmp_path):
 # -- EventLog: the per-message lines without a LogRecord ---------------------------------------------------
 
 
-def _private_logger(name: str, handler: logging.Handler) -> logging.Logger:
+@pytest.fixture
+def private_logger(monkeypatch):
     """A logger outside the pmaster tree that does not propagate to pytest's capturing root handler."""
-    logger = logging.getLogger(name)
-    logger.handlers[:] = [logsetup._Async(handler)]
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    return logger
+
+    def make(name: str, handler: logging.Handler) -> logging.Logger:
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "handlers", [logsetup._Async(handler)])
+        monkeypatch.setattr(logger, "propagate", False)
+        logger.setLevel(logging.INFO)
+        return logger
+
+    return make
 
 
-def test_event_line_is_the_line_a_record_gives(tmp_path):
+def test_event_line_is_the_line_a_record_gives(tmp_path, private_logger):
     handler = logsetup.StrftimeFileHandler(str(tmp_path / "mail.log"))
     handler.setFormatter(logsetup._Formatter(logsetup._FORMAT_FILE))
-    logger = _private_logger("pmtest.events.same", handler)
+    logger = private_logger("pmtest.events.same", handler)
     try:
         assert logsetup._plain_targets(logger) == [handler]  # the cheap path is taken
         logsetup.EventLog(logger.name).info("connect from [%s]:%s", "127.0.0.1", 2525)
@@ -70,34 +77,34 @@ def test_event_line_is_the_line_a_record_gives(tmp_path):
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} $", event[:stamp])
 
 
-def test_event_goes_through_the_logger_when_another_handler_listens():
+def test_event_goes_through_the_logger_when_another_handler_listens(private_logger, monkeypatch):
     seen = []
 
     class Keep(logging.Handler):
         def emit(self, record):
             seen.append(record.getMessage())
 
-    logger = _private_logger("pmtest.events.foreign", logging.NullHandler())
-    logger.addHandler(Keep())
+    logger = private_logger("pmtest.events.foreign", logging.NullHandler())
+    monkeypatch.setattr(logger, "handlers", logger.handlers + [Keep()])
     assert logsetup._plain_targets(logger) is None
     logsetup.EventLog(logger.name).info("%s: from=<%s>", "QID", "a@b.test")
     assert seen == ["QID: from=<a@b.test>"]
 
 
-def test_event_reaches_a_stream_handler_as_a_formatted_line():
+def test_event_reaches_a_stream_handler_as_a_formatted_line(private_logger):
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-    logger = _private_logger("pmtest.events.stream", handler)
+    logger = private_logger("pmtest.events.stream", handler)
     logsetup.EventLog(logger.name).info("disconnect from [%s]", "::1")
     logsetup.flush()
     assert stream.getvalue() == "pmtest.events.stream INFO disconnect from [::1]\n"
 
 
-def test_flush_returns_after_every_queued_event_is_written(tmp_path):
+def test_flush_returns_after_every_queued_event_is_written(tmp_path, private_logger):
     handler = logsetup.StrftimeFileHandler(str(tmp_path / "mail.log"))
     handler.setFormatter(logsetup._Formatter(logsetup._FORMAT_FILE))
-    logger = _private_logger("pmtest.events.many", handler)
+    logger = private_logger("pmtest.events.many", handler)
     events = logsetup.EventLog(logger.name)
     try:
         for n in range(3000):  # several of the writer's batches
@@ -109,9 +116,9 @@ def test_flush_returns_after_every_queued_event_is_written(tmp_path):
     assert [line.rsplit(" ", 1)[1] for line in lines] == [str(n) for n in range(3000)]
 
 
-def test_event_below_the_logger_level_is_dropped(tmp_path):
+def test_event_below_the_logger_level_is_dropped(tmp_path, private_logger):
     handler = logsetup.StrftimeFileHandler(str(tmp_path / "mail.log"))
-    logger = _private_logger("pmtest.events.quiet", handler)
+    logger = private_logger("pmtest.events.quiet", handler)
     logger.setLevel(logging.WARNING)
     try:
         logsetup.EventLog(logger.name).info("not written")
@@ -119,3 +126,9 @@ def test_event_below_the_logger_level_is_dropped(tmp_path):
     finally:
         handler.close()
     assert not (tmp_path / "mail.log").exists()
+
+
+def test_event_with_a_bad_format_is_reported_by_logging_not_raised(private_logger, capsys):
+    logger = private_logger("pmtest.events.bad", logging.NullHandler())
+    logsetup.EventLog(logger.name).info("%s and %s", "only one")  # must not raise into the session
+    assert "only one" in capsys.readouterr().err  # logging's own report of the broken call
