@@ -843,6 +843,28 @@ def test_a_message_waiting_at_a_full_destination_still_goes_out_at_a_free_one(tm
         s.sched.stop(time.monotonic() + 5)
 
 
+def test_a_message_not_due_yet_is_neither_waiting_nor_kept_at_a_full_destination(tmp_path, monkeypatch):
+    monkeypatch.setattr(sched_mod, "READY_PER_DESTINATION", 1)
+    s = Setup(tmp_path, workers=3, dc=1, extra=_logging_pipes(tmp_path, ("a", "sleep 1")))
+    s.sched.start()
+    try:
+        s.inject([("a0@x.test", "pipe", "a")])
+        s.inject([("a1@x.test", "pipe", "a")])  # a0 runs, a1 fills the ready line: "pipe:a" is full
+        assert wait_for(lambda: _order(tmp_path) == ["a0@x.test"], 10)
+        retry_at = s.clock() + 100
+        with s.spool.writer() as w:  # as a restart finds a deferred message: unknown to planning
+            w.write(BODY)
+            w.commit(Envelope(queue_id=w.queue_id, sender="alice@src.test", arrival=s.clock(), size=len(BODY),
+                              recipients=[Recipient(address="later@x.test", original="later@x.test", mailer="pipe",
+                                                    target="a", attempts=1, next_attempt=retry_at)]))
+        s.sched.notify(w.queue_id)
+        assert wait_for(lambda: w.queue_id in s.sched._known and s.sched._known[w.queue_id].due == retry_at, 5)
+        assert w.queue_id not in s.sched._waiting.get("pipe:a", {})  # nothing to send there before retry_at
+        assert w.queue_id not in s.sched._cache  # so no copy is kept for it either
+    finally:
+        s.sched.stop(time.monotonic() + 5)
+
+
 def test_raised_destination_concurrency_starts_the_ready_line_before_newer_mail(tmp_path):
     release = tmp_path / "release"
     # a runs until released; c runs long enough that d (the line's head) starts well before e.
