@@ -28,7 +28,7 @@ DEFAULTS_EXAMPLE = REPO / "contrib" / "default" / "postmaster"
 UNIT = REPO / "contrib" / "systemd" / "postmaster.service"
 SHELLS = ["sh", "dash", "bash"]
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-TOOLS = ["grep", "sleep", "rm", "cat"]  # what the script may run besides builtins (no start-stop-daemon)
+TOOLS = ["grep", "sleep", "rm", "cat", "tr"]  # what the script may run besides builtins (no start-stop-daemon)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -209,10 +209,10 @@ def test_restart_replaces_the_daemon(make):
 @pytest.mark.parametrize("ssd", [True, False], ids=["start-stop-daemon", "no-start-stop-daemon"])
 def test_stop_sends_sigkill_after_the_timeout(make, ssd):
     inst = make("dash", ssd)
-    # A process that ignores SIGTERM and looks like pmaster (its argv names it).
+    # A process that ignores SIGTERM and looks like pmaster (its argv has pmaster and run).
     stubborn = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
                                  "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                                 "sys.stdout.write('ready\\n'); sys.stdout.flush(); time.sleep(60)", "pmaster"],
+                                 "sys.stdout.write('ready\\n'); sys.stdout.flush(); time.sleep(60)", "pmaster", "run"],
                                 stdout=subprocess.PIPE)
     try:
         assert stubborn.stdout.readline() == b"ready\n"
@@ -257,6 +257,18 @@ def test_status_with_a_pid_recycled_by_another_program_is_1(make):
     try:
         inst.pid_file.parent.mkdir()
         inst.pid_file.write_text("%d" % other.pid)  # no final newline: must still be read
+        assert inst.run("status").returncode == 1
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_status_with_a_pid_recycled_by_a_program_naming_a_pmaster_file_is_1(make):
+    inst = make("dash")
+    other = subprocess.Popen(["sh", "-c", "sleep 30; :", "less", "/var/log/pmaster.log"])  # "; :": no exec
+    try:
+        inst.pid_file.parent.mkdir()
+        inst.pid_file.write_text("%d\n" % other.pid)
         assert inst.run("status").returncode == 1
     finally:
         other.kill()
