@@ -81,14 +81,7 @@ class StrftimeFileHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record).replace("\n", " | ") + "\n"
-            path = self._expand(record.created)
-            with self._io:
-                if path != self._path:
-                    self._open(path)
-                self._stream.write(line)
-                if not self.batched:
-                    self._stream.flush()
+            self._write(self.format(record).replace("\n", " | ") + "\n", record.created)
         except Exception:
             self.handleError(record)
 
@@ -99,16 +92,19 @@ class StrftimeFileHandler(logging.Handler):
             self.handle(_event_record(name, created, message))
             return
         try:
-            line = "%s %s[%d]: INFO: %s\n" % (formatter.stamp(created), name, _pid[0], message.replace("\n", " | "))
-            path = self._expand(created)
-            with self._io:
-                if path != self._path:
-                    self._open(path)
-                self._stream.write(line)
-                if not self.batched:
-                    self._stream.flush()
+            self._write("%s %s[%d]: INFO: %s\n" % (formatter.stamp(created), name, _pid[0],
+                                                     message.replace("\n", " | ")), created)
         except Exception:
             self.handleError(_event_record(name, created, message))
+
+    def _write(self, line: str, created: float) -> None:
+        path = self._expand(created)
+        with self._io:
+            if path != self._path:
+                self._open(path)
+            self._stream.write(line)
+            if not self.batched:
+                self._stream.flush()
 
     def _expand(self, when: float) -> str:
         second = int(when)

@@ -1,6 +1,7 @@
 """Scheduler tests: the pure functions from tables, and an in-process Scheduler with a fake clock driving the
 real pipe and relay mailers (real subprocesses, real SMTP sinks on loopback)."""
 
+import contextlib
 import email
 import logging
 import os
@@ -815,23 +816,27 @@ def test_busy_destinations_do_not_keep_workers_from_another_destination(tmp_path
         s.sched.stop(time.monotonic() + 5)
 
 
-def test_a_message_whose_destinations_are_all_full_goes_out_once_when_there_is_room(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def _one_line_scheduler(tmp_path, monkeypatch, extra):
+    """A started scheduler with 3 workers, destination-concurrency 1 and ready lines of one job."""
     monkeypatch.setattr(sched_mod, "READY_PER_DESTINATION", 1)
-    s = Setup(tmp_path, workers=3, dc=1, extra=_logging_pipes(tmp_path, ("a", "sleep 0.3")))
+    s = Setup(tmp_path, workers=3, dc=1, extra=extra)
     s.sched.start()
     try:
-        qids = [s.inject([("a%d@x.test" % i, "pipe", "a")]) for i in range(4)]  # running, line, 2 waiting
-        assert wait_for(lambda: not any(s.spool.exists(q) for q in qids), 15)
-        assert _order(tmp_path) == ["a0@x.test", "a1@x.test", "a2@x.test", "a3@x.test"]
+        yield s
     finally:
         s.sched.stop(time.monotonic() + 5)
 
 
+def test_a_message_whose_destinations_are_all_full_goes_out_once_when_there_is_room(tmp_path, monkeypatch):
+    with _one_line_scheduler(tmp_path, monkeypatch, _logging_pipes(tmp_path, ("a", "sleep 0.3"))) as s:
+        qids = [s.inject([("a%d@x.test" % i, "pipe", "a")]) for i in range(4)]  # running, line, 2 waiting
+        assert wait_for(lambda: not any(s.spool.exists(q) for q in qids), 15)
+        assert _order(tmp_path) == ["a0@x.test", "a1@x.test", "a2@x.test", "a3@x.test"]
+
+
 def test_a_message_waiting_at_a_full_destination_still_goes_out_at_a_free_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(sched_mod, "READY_PER_DESTINATION", 1)
-    s = Setup(tmp_path, workers=3, dc=1, extra=_logging_pipes(tmp_path, ("a", "sleep 1"), ("c", "")))
-    s.sched.start()
-    try:
+    with _one_line_scheduler(tmp_path, monkeypatch, _logging_pipes(tmp_path, ("a", "sleep 1"), ("c", ""))) as s:
         s.inject([("a0@x.test", "pipe", "a")])
         s.inject([("a1@x.test", "pipe", "a")])
         assert wait_for(lambda: _order(tmp_path) == ["a0@x.test"], 10)
@@ -839,15 +844,10 @@ def test_a_message_waiting_at_a_full_destination_still_goes_out_at_a_free_one(tm
         assert wait_for(lambda: "c@x.test" in _order(tmp_path), 5)
         assert wait_for(lambda: not s.spool.exists(qid), 15)
         assert _order(tmp_path) == ["a0@x.test", "c@x.test", "a1@x.test", "a2@x.test"]
-    finally:
-        s.sched.stop(time.monotonic() + 5)
 
 
 def test_a_message_not_due_yet_is_neither_waiting_nor_kept_at_a_full_destination(tmp_path, monkeypatch):
-    monkeypatch.setattr(sched_mod, "READY_PER_DESTINATION", 1)
-    s = Setup(tmp_path, workers=3, dc=1, extra=_logging_pipes(tmp_path, ("a", "sleep 1")))
-    s.sched.start()
-    try:
+    with _one_line_scheduler(tmp_path, monkeypatch, _logging_pipes(tmp_path, ("a", "sleep 1"))) as s:
         s.inject([("a0@x.test", "pipe", "a")])
         s.inject([("a1@x.test", "pipe", "a")])  # a0 runs, a1 fills the ready line: "pipe:a" is full
         assert wait_for(lambda: _order(tmp_path) == ["a0@x.test"], 10)
@@ -861,8 +861,6 @@ def test_a_message_not_due_yet_is_neither_waiting_nor_kept_at_a_full_destination
         assert wait_for(lambda: w.queue_id in s.sched._known and s.sched._known[w.queue_id].due == retry_at, 5)
         assert w.queue_id not in s.sched._waiting.get("pipe:a", {})  # nothing to send there before retry_at
         assert w.queue_id not in s.sched._cache  # so no copy is kept for it either
-    finally:
-        s.sched.stop(time.monotonic() + 5)
 
 
 def test_raised_destination_concurrency_starts_the_ready_line_before_newer_mail(tmp_path):
