@@ -98,6 +98,14 @@ def delivery_lines(d: DaemonProcess):
     return out
 
 
+def logged_deliveries(d: DaemonProcess, rcpt: str, count: int, timeout: float = 5):
+    """Delivery lines logged for rcpt, once count of them are there: the log writer runs behind the spool."""
+    def lines():
+        return [entry for entry in delivery_lines(d) if entry[1] == rcpt]
+    wait_for(lambda: len(lines()) >= count, timeout)
+    return lines()
+
+
 def delivery_report(text: str):
     msg = email.message_from_string(text)
     assert msg.get_content_type() == "multipart/report"
@@ -115,7 +123,7 @@ def test_inline_pipe_gets_the_message_and_logs_one_sent_line(daemon):
     send(d, "a@sender.test", ["bob@x.test"])
     assert wait_for(lambda: os.path.exists(os.path.join(d.tmp, "out.eml")) and not d.queue_ids(), 10)
     assert "X-Marker: m1" in read(d, "out.eml")
-    lines = [entry for entry in delivery_lines(d) if entry[1] == "bob@x.test"]
+    lines = logged_deliveries(d, "bob@x.test", 1)
     assert len(lines) == 1 and lines[0][3] == "sent" and lines[0][2].startswith("pipe(")
 
 
@@ -165,7 +173,7 @@ def test_451_then_success_is_delivered_exactly_once(daemon):
         assert len(sink.wait_for_messages(1, 10)) == 1
         assert wait_for(lambda: not d.queue_ids(), 5)
         assert len(sink.messages) == 1 and len(sink.transactions) == 2
-        statuses = [entry[3] for entry in delivery_lines(d) if entry[1] == "bob@x.test"]
+        statuses = [entry[3] for entry in logged_deliveries(d, "bob@x.test", 2)]
         assert statuses == ["deferred", "sent"]
         assert wait_for(lambda: d.spool_files("queue") == [], 5)  # the envelope saved at the deferral too
 
