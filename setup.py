@@ -10,8 +10,17 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.8",
     packages=find_packages(exclude=["pmaster.tests"]),
-    install_requires=["ply", "pyOpenSSL", "prometheus-client", "dnspython", "pyspf"],
-    extras_require={"test": ["pytest", "pytest-xdist", "trustme", "hypothesis", "dnslib", "ruff", "vermin"]},
+    install_requires=[
+        "ply", "pyOpenSSL", "prometheus-client", "dnspython", "pyspf",
+        # SPEC: passlib for password hashes; its maintained fork libpass (same import name) from Python 3.9.
+        "passlib; python_version < '3.9'", "libpass; python_version >= '3.9'",
+    ],
+    extras_require={
+        "bcrypt": ["bcrypt"],
+        "argon2": ["argon2-cffi"],
+        "test": ["pytest", "pytest-xdist", "trustme", "hypothesis", "dnslib", "ruff", "vermin", "selenium",
+                 "bcrypt", "argon2-cffi"],
+    },
     entry_points={"console_scripts": ["pmaster = pmaster.cli:main"]},
     data_files=[("share/pmaster", ["conf/postmaster.cf.example"])],
     classifiers=[
