@@ -11,6 +11,7 @@ Invariants: a ``Config`` is never mutated after ``load`` returns; SIGHUP swaps t
 
 import difflib
 import grp
+import ipaddress
 import os
 import pwd
 import re
@@ -78,6 +79,12 @@ class CoreConfig:
     local_domains: Optional[Tuple[str, ...]] = None  # None: hostname, localhost and every [smtpd] name
     min_free_space: int = 100 * 1024 * 1024
     destination_concurrency: int = 10
+    # SPEC 2: exempt from max-connections-per-ip and dnsbl; never a relaying decision (routing alone decides).
+    trusted_networks: Tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+
+    def is_trusted(self, address: str) -> bool:
+        """Whether a client address lies in ``trusted-networks`` (an IPv4-mapped IPv6 address counts as IPv4)."""
+        return address_in(address, self.trusted_networks)
 
 
 @dataclass(frozen=True)
@@ -365,6 +372,28 @@ def _metrics_listen(ctx, values) -> str:
     return v.text
 
 
+def address_in(address: str, networks: Tuple[str, ...]) -> bool:
+    """Whether ``address`` (text) lies in one of ``networks`` (CIDR texts, as ``_networks`` stores them)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in ipaddress.ip_network(n) for n in networks)
+
+
+def _networks(ctx, values) -> Tuple[str, ...]:
+    """Addresses or CIDR networks (``10.0.0.0/8``, ``::1``), stored as normalised network texts."""
+    out = []
+    for v in _words(ctx, values):
+        try:
+            out.append(str(ipaddress.ip_network(v, strict=False)))
+        except ValueError:
+            ctx.fail(values[len(out)], "expected an IP address or CIDR network, got %r" % v)
+    return tuple(out)
+
+
 def _policy(ctx, values) -> Tuple[str, ...]:
     return _words(ctx, values)
 
@@ -376,7 +405,7 @@ SCHEMA = {
         "workers": _Key(_int_min(1)), "retry-min": _Key(_duration), "retry-max": _Key(_duration),
         "queue-lifetime": _Key(_duration), "dns-server": _Key(_dns_server), "recipient-delimiter": _Key(_str),
         "local-domains": _Key(_domains), "min-free-space": _Key(_size),
-        "destination-concurrency": _Key(_int_min(1)),
+        "destination-concurrency": _Key(_int_min(1)), "trusted-networks": _Key(_networks),
     },
     "syslog": {"ident": _Key(_str), "facility": _Key(_enum(*FACILITIES))},
     "logfile": {"file": _Key(_path)},

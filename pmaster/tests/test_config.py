@@ -519,3 +519,19 @@ def test_warnings_are_kept_in_config(tmp_path):
 def test_unknown_section_contents_are_ignored(tmp_path):
     c = cfg(tmp_path, "[frobnicate]\nx@y z\n")
     assert "x@y" not in c.routes[None].entries
+
+
+def test_trusted_networks_default_is_loopback(tmp_path):
+    core = cfg(tmp_path, "[route]\n@ relay()\n").core
+    assert core.is_trusted("127.0.0.1") and core.is_trusted("::1")
+    assert not core.is_trusted("127.0.0.2")
+
+
+def test_trusted_networks_take_addresses_and_cidr_networks(tmp_path):
+    core = cfg(tmp_path, "[core]\ntrusted-networks = 10.0.0.0/8 192.0.2.7 2001:db8::/32\n").core
+    assert core.is_trusted("10.9.8.7") and core.is_trusted("::ffff:10.0.0.1") and core.is_trusted("2001:db8::5")
+    assert core.is_trusted("192.0.2.7") and not core.is_trusted("192.0.2.8") and not core.is_trusted("127.0.0.1")
+
+
+def test_trusted_networks_refuse_a_word_that_is_no_network(tmp_path):
+    assert [(e.line, e.col) for e in errors(tmp_path, "[core]\ntrusted-networks = 10.0.0.0/8 bogus\n")] == [(2, 31)]
