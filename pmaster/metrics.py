@@ -27,7 +27,9 @@ from pmaster.spool import Spool
 
 log = logging.getLogger("pmaster.metrics")
 
-REJECTION_REASONS = ("no_route", "routing_error", "size", "bare_newline", "loop", "limit", "policy", "other")
+REJECTION_REASONS = ("no_route", "routing_error", "size", "bare_newline", "loop", "limit", "policy", "other",
+                     # SPEC 6's set besides the reasons above (no_route and routing_error are its "route")
+                     "syntax", "route", "auth", "policy_service", "spf", "dnsbl", "verify")
 DELIVERY_RESULTS = ("sent", "deferred", "bounced")
 
 
