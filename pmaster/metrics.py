@@ -31,6 +31,8 @@ REJECTION_REASONS = ("no_route", "routing_error", "size", "bare_newline", "loop"
                      # SPEC 6's set besides the reasons above (no_route and routing_error are its "route")
                      "syntax", "route", "auth", "policy_service", "spf", "dnsbl", "verify")
 DELIVERY_RESULTS = ("sent", "deferred", "bounced")
+POLICY_ACTIONS = ("ok", "dunno", "reject", "defer", "defer_if_permit", "defer_if_reject", "code", "prepend", "warn",
+                  "info", "hold", "discard", "unknown", "failed")
 
 
 class _ScrapeCollector:
@@ -93,6 +95,11 @@ class Metrics:
         self.delivery_seconds = Histogram("pmaster_delivery_duration_seconds", "Duration of delivery attempts",
                                           ["mailer"], registry=r,
                                           buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.policy_answers = Counter("pmaster_policy_service_answers", "Policy service answers by action",
+                                      ["action"], registry=r)
+        self.policy_seconds = Histogram("pmaster_policy_service_duration_seconds",
+                                        "Time from a policy service request to its answer (or failure)", registry=r,
+                                        buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         r.register(_ScrapeCollector(sessions, spool))
 
     def count(self, what: str, listener: str, *labels: str) -> None:
@@ -107,6 +114,11 @@ class Metrics:
             self.rejections.labels(listener, reason).inc()
         elif what == "tls":
             self.tls_sessions.labels(listener).inc()
+
+    def policy_service(self, action: str, seconds: float) -> None:
+        """One answer of a policy service (``action`` from ``POLICY_ACTIONS``; else "unknown")."""
+        self.policy_answers.labels(action if action in POLICY_ACTIONS else "unknown").inc()
+        self.policy_seconds.observe(seconds)
 
     def delivery(self, mailer: str, result: str, seconds: float) -> None:
         mailer = mailer if mailer in ("pipe", "relay") else "other"
