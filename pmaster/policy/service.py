@@ -291,7 +291,7 @@ class ServiceClient:
                 lines, _ = conn.ask(request, deadline)
             action = _action(lines)
         except BaseException:
-            conn.close()
+            _close_later(conn)  # a hung program takes a second to end: not the client's wait
             self._release(None)
             raise
         conn.reused = True

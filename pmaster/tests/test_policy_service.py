@@ -419,3 +419,26 @@ def test_exec_programs_end_when_the_listener_resources_close(tmp_path):
         srv.runtime.resources.close()
         wait_until(lambda: not os.path.exists("/proc/%d" % pid)
                    or open("/proc/%d/stat" % pid).read().split(") ")[1].startswith("Z"), what="the program to end")
+
+
+def test_a_reload_naming_the_same_service_keeps_the_running_program(tmp_path):
+    with _smtpd(tmp_path, _program(tmp_path)) as srv:
+        _, first = _rcpt(srv)
+        srv.runtime.reload(srv.config)
+        _, second = _rcpt(srv)
+    assert _pid_of(first) == _pid_of(second)
+
+
+def test_a_reload_without_the_service_ends_its_program(tmp_path):
+    from pmaster.config import load
+
+    with _smtpd(tmp_path, _program(tmp_path)) as srv:
+        _, first = _rcpt(srv)
+        pid = _pid_of(first)
+        plain = tmp_path / "plain.cf"
+        plain.write_text(open(srv.config_path).read().replace("policy-service =", "# policy-service ="))
+        srv.runtime.reload(load(str(plain)))
+        wait_until(lambda: not os.path.exists("/proc/%d" % pid)
+                   or open("/proc/%d/stat" % pid).read().split(") ")[1].startswith("Z"), what="the program to end")
+        _, reply = _rcpt(srv)
+    assert reply[0].startswith("250")
