@@ -120,7 +120,7 @@ class SmtpdConfig:
     spf: str = "off"
     policies: Tuple[str, ...] = ()
     policy_service: Optional[str] = None
-    policy_service_timeout: int = 100  # Postfix's smtpd_policy_service_timeout
+    policy_service_timeout: int = 10  # SPEC 2 (Postfix waits 100 s; a session should not hang that long)
     proxy_protocol: bool = False
     bare_newline: str = "normalize"
     pos: Optional[Position] = None
@@ -451,7 +451,7 @@ SCHEMA = {
         "max-connections-per-ip": _Key(_int_min(1)), "timeout": _Key(_duration),
         "spf": _Key(_enum("off", "tag", "reject"), supported=False, default="off"),
         "policy": _Key(_policy, repeat=True),
-        "policy-service": _Key(_policy_service), "policy-service-timeout": _Key(_int_min(1)),
+        "policy-service": _Key(_policy_service), "policy-service-timeout": _Key(_duration),
         "proxy-protocol": _Key(_bool, supported=False, default=False),
         "bare-newline": _Key(_enum("normalize", "reject")),
     },

@@ -535,3 +535,9 @@ def test_trusted_networks_take_addresses_and_cidr_networks(tmp_path):
 
 def test_trusted_networks_refuse_a_word_that_is_no_network(tmp_path):
     assert [(e.line, e.col) for e in errors(tmp_path, "[core]\ntrusted-networks = 10.0.0.0/8 bogus\n")] == [(2, 31)]
+
+
+def test_policy_service_timeout_defaults_to_ten_seconds_and_takes_a_duration(tmp_path):
+    assert cfg(tmp_path, "[smtpd x]\nlisten-port = 2525\n").smtpd["x"].policy_service_timeout == 10
+    text = "[smtpd x]\nlisten-port = 2525\npolicy-service-timeout = 1m\n"
+    assert cfg(tmp_path, text).smtpd["x"].policy_service_timeout == 60
