@@ -176,7 +176,9 @@ def check_pid_directory(directory: str) -> None:
 def write_pid_file(path: str, pid: int) -> None:
     """Write ``pid`` into ``path`` atomically through a fresh ``O_EXCL | O_NOFOLLOW`` temporary file."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o755, exist_ok=True)
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        os.chmod(directory, 0o755)  # what we make must pass our own check whatever the umask
     check_pid_directory(directory)
     fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), suffix=".tmp", dir=directory)
     try:

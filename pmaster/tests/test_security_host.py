@@ -196,6 +196,16 @@ def test_pid_file_replaces_a_planted_link_instead_of_following_it(tmp_path):
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["pm.pid"]  # no temporary file left behind
 
 
+def test_pid_directory_made_under_a_loose_umask_passes_its_own_check(tmp_path):
+    old = os.umask(0o002)
+    try:
+        safefs.write_pid_file(str(tmp_path / "newrun" / "pm.pid"), 4321)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "newrun").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "newrun" / "pm.pid").read_text() == "4321\n"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Item 7: relay AUTH needs verified TLS
 
@@ -306,3 +316,4 @@ def test_shipped_configurations_have_no_open_relay():
     for name in ("postmaster.cf", "postmaster.cf.example"):
         config = load(os.path.join(REPO, "conf", name))
         assert [d for d in static_check(config) if d.is_error] == []
+
