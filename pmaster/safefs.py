@@ -7,7 +7,9 @@ API:
     the spool's file system and changes only regular files and directories that are root's or already the
     daemon user's (the one thing the start fixes: what root made in the spool, such as the directories it has
     just created). Anything else is unexpected and refuses the start (``PmasterError``), as Postfix's
-    ``postfix check`` reports queue files "not owned by" the mail owner, instead of guessing.
+    ``postfix check`` reports queue files "not owned by" the mail owner, instead of guessing. The one
+    exception is ``maildrop/`` (local submissions, writable by every local user): its files keep their
+    owner and only get the daemon's group, and what is not a single-link regular file there is left alone.
   ``check_pid_directory(directory)``: refuse a pid file directory that group or others can write (sticky or
     not) or that belongs to neither root nor us.
   ``write_pid_file(path, pid)``: create a temporary file in the same directory with ``O_EXCL | O_NOFOLLOW``
@@ -27,6 +29,7 @@ from typing import List
 
 from pmaster.errors import PmasterError
 
+SUBMISSIONS = "maildrop"  # local users' files (pmaster sendmail): they keep their owner
 MAX_DEPTH = 4  # the spool is two levels deep; deeper directories were not made by pmaster
 MAX_REPORTED = 3
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -81,8 +84,36 @@ def hand_over_spool(path: str, uid: int, gid: int) -> None:
 
 def _directory(walk: _Walk, fd: int, st: os.stat_result, path: str, depth: int) -> None:
     walk.hand_over(fd, st)
+    submissions = depth == 1 and os.path.basename(path) == SUBMISSIONS
     for name in os.listdir(fd):
-        _entry(walk, fd, name, os.path.join(path, name), depth)
+        if submissions:
+            _submission(walk, fd, name)
+        else:
+            _entry(walk, fd, name, os.path.join(path, name), depth)
+
+
+def _submission(walk: _Walk, dir_fd: int, name: str) -> None:
+    """A file in ``maildrop/``: any local user may put one there, so nothing in it refuses the start.
+
+    It keeps its owner (the submitter, logged as ``uid=``) and gets the daemon's group so the daemon can
+    read it; links, special files and files with several links are left alone (the pickup deals with them).
+    """
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_dev != walk.dev or st.st_gid == walk.gid:
+        return
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and stat.S_ISREG(now.st_mode) and now.st_nlink == 1:
+            os.fchown(fd, -1, walk.gid)
+    finally:
+        os.close(fd)
 
 
 def _entry(walk: _Walk, dir_fd: int, name: str, path: str, depth: int) -> None:

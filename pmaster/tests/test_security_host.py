@@ -148,6 +148,29 @@ def test_hand_over_follows_a_configured_spool_path_that_is_a_link(tmp_path):
     assert (real / "queue").stat().st_uid == NOBODY
 
 
+
+def test_hand_over_keeps_the_submitter_of_a_maildrop_file_and_gives_it_the_daemon_group(tmp_path):
+    spool = made_spool(tmp_path)
+    (spool / "maildrop").mkdir()
+    submission = spool / "maildrop" / "sub1"
+    submission.write_text("x")
+    os.chown(str(submission), 4242, 4242)
+    safefs.hand_over_spool(str(spool), NOBODY, NOGROUP)
+    st = submission.stat()
+    assert (st.st_uid, st.st_gid) == (4242, NOGROUP)
+
+
+def test_hand_over_leaves_links_in_maildrop_alone_without_refusing(tmp_path):
+    spool = made_spool(tmp_path)
+    (spool / "maildrop").mkdir()
+    victim = victim_file(tmp_path)
+    os.symlink(str(victim), str(spool / "maildrop" / "planted-link"))
+    os.link(str(victim), str(spool / "maildrop" / "planted-hard-link"))
+    safefs.hand_over_spool(str(spool), NOBODY, NOGROUP)
+    st = victim.stat()
+    assert (st.st_uid, st.st_gid) == (0, 0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Item 9: the pid file
 
