@@ -1,11 +1,18 @@
 """Issue 17 item 10: remote texts lose their controls before the log and ``last_reply``; HELO and addresses
 with C1 controls, line separators or bidi controls are refused (501)."""
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 
+from pmaster.envelope import Envelope, Recipient
 from pmaster.grammar.smtp import SmtpSyntaxError, parse_command
 from pmaster.sanitize import MAX_TEXT, has_unsafe, remote_text
-from pmaster.tests.daemon_fixture import DaemonProcess, InProcessSmtpd, wait_until
+from pmaster.spool import Spool
+from pmaster.tests.daemon_fixture import REPO, DaemonProcess, InProcessSmtpd, wait_until
 from pmaster.tests.smtpsink import SmtpSink
 
 # What the review used: a CR to return to the line start, an ANSI erase, a forged log line, BEL, RLO.
@@ -116,3 +123,36 @@ def test_pipe_stderr_with_controls_is_stored_clean(tmp_path):
         assert_clean(last)
     finally:
         d.stop()
+
+
+def queue_cli(tmp_path, *args):
+    cf = tmp_path / "pm.cf"
+    cf.write_text("[core]\n  spool-directory = spool\n[route]\n  @example.org pipe(cat >/dev/null)\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "pmaster", "queue", "-c", str(cf)] + list(args),
+                          capture_output=True, text=True, timeout=30, env=env)
+
+
+def old_record(tmp_path, last_reply: str, body: bytes) -> str:
+    """A record as a version before the fix stored it: the peer's controls still in ``last_reply``."""
+    spool = Spool(str(tmp_path / "spool"))
+    with spool.writer() as w:
+        w.write(body)
+        w.commit(Envelope(w.queue_id, "a@example.org", [Recipient("joe@example.org", "joe@example.org", "pipe", "p",
+                                                                   attempts=1, last_reply=last_reply)],
+                          time.time(), size=len(body)))
+    return w.queue_id
+
+
+def test_queue_list_never_prints_terminal_controls_of_an_old_record(tmp_path):
+    qid = old_record(tmp_path, "450 " + FORGED, b"Subject: t\r\n\r\nhello\r\n")
+    out = queue_cli(tmp_path, "list")
+    assert out.returncode == 0 and qid in out.stdout and "evil" in out.stdout
+    assert_clean(out.stdout.replace("\n", ""))
+
+
+def test_queue_show_never_prints_terminal_controls_of_a_client_header(tmp_path):
+    qid = old_record(tmp_path, "", b"Subject: \x1b]0;owned\x07\x1b[2J\xc2\x9b\r\n\r\nhello\r\n")
+    out = queue_cli(tmp_path, "show", qid)
+    assert out.returncode == 0 and "Subject: ?]0;owned??[2J?" in out.stdout, out.stdout
+    assert_clean(out.stdout.replace("\n", ""))
