@@ -50,8 +50,6 @@ class BoundedHttpServer:
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         try:
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                self.listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             self.listener.bind(sockaddr)
             self.listener.listen(128)
         except OSError:

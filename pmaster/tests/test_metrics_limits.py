@@ -10,7 +10,7 @@ import pytest
 
 from pmaster import metrics as metrics_module
 from pmaster.envelope import Envelope, Recipient
-from pmaster.metrics import Metrics
+from pmaster.metrics import Metrics, MetricsServer
 from pmaster.metricshttp import HEAD_SECONDS
 from pmaster.spool import Spool
 from pmaster.tests.daemon_fixture import DaemonProcess, free_port
@@ -139,3 +139,14 @@ def test_many_scrapes_do_not_grow_threads(daemon):
             assert resp.status == 200
             resp.read()
     assert threads(daemon.pid) <= before + THREAD_SLACK
+
+
+def test_metrics_server_on_ipv6_loopback_answers_and_stops():
+    server = MetricsServer(Metrics(), "[::1]:%d" % free_port("::1"))
+    server.start()
+    try:
+        with urllib.request.urlopen("http://[::1]:%d/metrics" % server.address[1], timeout=10) as resp:
+            assert resp.status == 200 and b"pmaster_queue_messages" in resp.read()
+    finally:
+        server.stop()
+    assert not any(t.is_alive() for t in server.server.threads)
