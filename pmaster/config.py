@@ -9,6 +9,7 @@ API:
 Invariants: a ``Config`` is never mutated after ``load`` returns; SIGHUP swaps the whole object.
 """
 
+import dataclasses
 import difflib
 import grp
 import ipaddress
@@ -83,6 +84,8 @@ class CoreConfig:
     destination_concurrency: int = 10
     # SPEC 2: exempt from max-connections-per-ip and dnsbl; never a relaying decision (routing alone decides).
     trusted_networks: Tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    # Security: an open relay (a catch-all '@' reachable beyond loopback) is refused unless this says yes.
+    allow_open_relay: bool = False
 
     def is_trusted(self, address: str) -> bool:
         """Whether a client address lies in ``trusted-networks`` (an IPv4-mapped IPv6 address counts as IPv4)."""
@@ -440,6 +443,7 @@ SCHEMA = {
         "queue-lifetime": _Key(_duration), "dns-server": _Key(_dns_server), "recipient-delimiter": _Key(_str),
         "local-domains": _Key(_domains), "min-free-space": _Key(_size),
         "destination-concurrency": _Key(_int_min(1)), "trusted-networks": _Key(_networks),
+        "allow-open-relay": _Key(_bool),
     },
     "syslog": {"ident": _Key(_str), "facility": _Key(_enum(*FACILITIES))},
     "logfile": {"file": _Key(_path)},
@@ -833,6 +837,21 @@ class _Loader:
         cfg = RelayConfig(ident=s.ident, pos=s.pos, **values)
         if cfg.auth_user and not cfg.auth_password_file:
             self.error(s.key_pos["auth-user"], "auth-user needs auth-password-file")
+        return self.relay_tls_for_auth(s, cfg)
+
+    def relay_tls_for_auth(self, s: _Section, cfg: RelayConfig) -> RelayConfig:
+        """With ``auth-user`` the effective ``tls`` is ``required`` (issue 17 item 7).
+
+        Opportunistic TLS verifies no certificate, so a man in the middle with a self-signed one would
+        receive the password: the default becomes ``required``, and an explicit weaker ``tls`` is an error.
+        """
+        if not cfg.auth_user:
+            return cfg
+        if "tls" not in s.values:
+            return dataclasses.replace(cfg, tls="required")
+        if cfg.tls != "required":
+            self.error(s.key_pos["tls"], "auth-user needs tls = required: with tls = %s the password could go to "
+                       "a server whose certificate is not verified" % cfg.tls)
         return cfg
 
     def check_references(self, config: Config) -> None:

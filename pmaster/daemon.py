@@ -11,10 +11,13 @@ Signals: SIGTERM/SIGINT stop accepting, give sessions and deliveries 30 s in all
   restart can apply (spool, pid file, user, workers) are logged as such.
 Pid file: written after binding and before dropping privileges, by the process that serves (the detached one
   with ``--daemon``); a pid file naming a live pmaster process refuses the start, a stale one (dead process,
-  or a recycled pid that is not pmaster) is replaced; removed at exit where permissions allow.
+  or a recycled pid that is not pmaster) is replaced; removed at exit where permissions allow. Written by
+  ``safefs.write_pid_file`` (a fresh O_EXCL|O_NOFOLLOW temp file, then rename); a pid directory that group or
+  others can write refuses the start.
 Privileges: as root with ``user-id``/``group-id``, supplementary groups are cleared, the gid then the uid are
   set, and the start is refused if root can be regained; the spool (owner, mode 0700) and the current log
-  files are handed to the new owner first.
+  files are handed to the new owner first, the spool by ``safefs.hand_over_spool`` (no link is followed;
+  an unexpected entry such as a symbolic link refuses the start).
 Threading: the main thread only waits for signals; each listener runs ``serve_forever`` in its own thread
   (``shutdown()`` from the thread running ``serve_forever`` would deadlock).
 Errors: every start-up failure a user can cause is a ``PmasterError`` (one line) or a ``ConfigError``
@@ -34,12 +37,12 @@ import threading
 import time
 from typing import List, Optional, Set, Tuple
 
-from pmaster import affinity, logsetup, privileges
+from pmaster import affinity, logsetup, privileges, safefs
 from pmaster.config import Config, load
 from pmaster.errors import ConfigError, PmasterError
 from pmaster.mailers import relay
 from pmaster.mailers.dispatch import Mailers
-from pmaster.routing import bounce_recipients
+from pmaster.routing import bounce_recipients, open_relay_problems
 from pmaster.scheduler import Scheduler
 from pmaster.smtpd import Listener, Runtime, listen_addresses
 from pmaster.spool import Spool
@@ -69,6 +72,7 @@ class Daemon:
         self.config_path = os.path.abspath(config_path)
         self.detach = detach
         self.config: Config = load(self.config_path, machine=True)
+        refuse_open_relay(self.config)
         self.listeners: List[Listener] = []
         self.threads: List[threading.Thread] = []
         self.stop_requested = threading.Event()
@@ -125,15 +129,9 @@ class Daemon:
         stale = _read_pid(path)
         if stale is not None and stale != os.getpid():
             log.info("replacing stale pid file %s (process %d is not a running pmaster)", path, stale)
-        tmp = "%s.%d.tmp" % (path, os.getpid())
         try:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            with os.fdopen(fd, "w") as f:
-                f.write("%d\n" % os.getpid())
-            os.rename(tmp, path)  # atomic: a reader never sees an empty pid file
+            safefs.write_pid_file(path, os.getpid())  # O_EXCL|O_NOFOLLOW temp file, then rename (issue 17 item 9)
         except OSError as exc:
-            _unlink_quietly(tmp)
             raise PmasterError("cannot write pid file %s: %s" % (path, exc.strerror or exc))
         self.pid_file_written = path
 
@@ -147,11 +145,7 @@ class Daemon:
             return
         uid, gid = _resolve_ids(core.user_id, core.group_id)
         # Hand over what the daemon writes after the drop (SPEC 7): the spool, and the log files it has open.
-        _chown_tree(core.spool_directory, uid, gid)
-        try:
-            os.chmod(core.spool_directory, 0o700)
-        except OSError as exc:
-            raise PmasterError("cannot secure spool directory %s: %s" % (core.spool_directory, exc.strerror))
+        safefs.hand_over_spool(core.spool_directory, uid, gid)  # never through links (issue 17 item 1)
         try:
             logsetup.hand_over(uid, gid)
         except OSError as exc:
@@ -201,6 +195,7 @@ class Daemon:
     def reload(self) -> None:
         try:
             config = load(self.config_path, machine=True)
+            refuse_open_relay(config)
             self.runtime.reload(config)
         except ConfigError as exc:
             for diagnostic in exc.diagnostics:
@@ -324,6 +319,13 @@ class Daemon:
             pass
 
 
+def refuse_open_relay(config: Config) -> None:
+    """``pmaster run`` and reloads refuse an open relay unless ``[core] allow-open-relay = yes`` (issue 17 item 12)."""
+    problems = [d for d in open_relay_problems(config) if d.is_error]
+    if problems:
+        raise ConfigError(problems)
+
+
 def _read_pid(path: str) -> Optional[int]:
     try:
         with open(path) as f:
@@ -403,13 +405,6 @@ def _kill_group_or_process(pid: int) -> None:
         pass
 
 
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
 def _resolve_ids(user_id: Optional[str], group_id: Optional[str]) -> Tuple[int, int]:
     """(uid or -1 to keep, gid) for ``user-id``/``group-id``; numeric ids are accepted too."""
     uid, gid = -1, os.getgid()
@@ -452,15 +447,6 @@ def _own_addresses() -> Set[str]:
     except OSError:
         pass
     return out
-
-
-def _chown_tree(path: str, uid: int, gid: int) -> None:
-    for root, dirs, files in os.walk(path):
-        for name in [root] + [os.path.join(root, d) for d in dirs] + [os.path.join(root, f) for f in files]:
-            try:
-                os.chown(name, uid, gid)
-            except OSError:
-                pass
 
 
 def _detach(ready_fd_holder: List[int]) -> bool:

@@ -3,14 +3,16 @@
 API:
   ``Metrics(runtime_sessions, spool_source)``: owns a private ``CollectorRegistry``; ``count(what, listener,
      *labels)`` is the SMTP side's hook, ``delivery(mailer, result, seconds)`` the scheduler's.
-  ``MetricsServer(metrics, listen)``: a small threaded HTTP server; ``start()`` / ``stop()``.
+  ``MetricsServer(metrics, listen)``: serves ``/metrics`` only (404 elsewhere) through ``metricshttp``: one
+     reader thread, ``METRICS_WORKERS`` answering threads, at most ``METRICS_MAX_CONNECTIONS`` connections,
+     request heads due within 5 s; ``start()`` / ``stop()``.
   ``parse_listen(text) -> (host, port)``: a bare port binds 127.0.0.1 (metrics stay on loopback unless asked).
 Invariants: ``pmaster_`` prefix, base units, ``_total`` / ``_seconds`` / ``_bytes`` suffixes, labels from small
   fixed sets (listener, mailer, result, reason, state), never an address. Queue size by state and the oldest
-  message's age are collected at scrape time from the spool, so they are right even after a restart.
+  message's age are collected at scrape time from the spool, so they are right even after a restart, and
+  cached for ``QUEUE_CACHE_SECONDS`` (one spool scan serves every scrape in that time).
 """
 
-import http.server
 import logging
 import socket
 import threading
@@ -19,10 +21,11 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import MetricsHandler
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from pmaster.envelope import PENDING
 from pmaster.errors import PmasterError, SpoolError
+from pmaster.metricshttp import BoundedHttpServer
 from pmaster.spool import Spool
 
 log = logging.getLogger("pmaster.metrics")
@@ -34,6 +37,10 @@ DELIVERY_RESULTS = ("sent", "deferred", "bounced")
 POLICY_ACTIONS = ("ok", "dunno", "reject", "defer", "defer_if_permit", "defer_if_reject", "code", "prepend", "warn",
                   "info", "hold", "discard", "unknown", "failed")
 
+QUEUE_CACHE_SECONDS = 3.0  # queue gauges are this old at most
+METRICS_WORKERS = 2  # threads answering scrapes
+METRICS_MAX_CONNECTIONS = 64  # open connections; the oldest idle one makes room for a new one
+
 
 class _ScrapeCollector:
     """Gauges computed when Prometheus scrapes: sessions per listener and the queue by state."""
@@ -41,6 +48,10 @@ class _ScrapeCollector:
     def __init__(self, sessions: Callable[[], Dict[str, int]], spool: Callable[[], Optional[Spool]]):
         self.sessions = sessions
         self.spool = spool
+        # Issue 17 item 8: reading every envelope per scrape let scrapes load the disk; one scan serves all
+        # scrapes for QUEUE_CACHE_SECONDS, and concurrent scrapes wait for the scan in progress.
+        self._queue_lock = threading.Lock()
+        self._queue_cached: Optional[Tuple[float, Tuple[Dict[str, int], float]]] = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         active = GaugeMetricFamily("pmaster_smtpd_sessions_active", "SMTP sessions in progress",
@@ -48,13 +59,20 @@ class _ScrapeCollector:
         for listener, n in sorted(self.sessions().items()):
             active.add_metric([listener], n)
         yield active
-        counts, oldest = self._queue()
+        counts, oldest = self._queue_cached_or_scanned()
         size = GaugeMetricFamily("pmaster_queue_messages", "Messages in the queue by state", labels=["state"])
         for state in ("active", "deferred", "hold"):
             size.add_metric([state], counts.get(state, 0))
         yield size
         yield GaugeMetricFamily("pmaster_queue_oldest_message_age_seconds",
                                 "Age of the oldest message in the queue (0 when empty)", value=oldest)
+
+    def _queue_cached_or_scanned(self) -> Tuple[Dict[str, int], float]:
+        with self._queue_lock:
+            now = time.monotonic()
+            if self._queue_cached is None or now - self._queue_cached[0] >= QUEUE_CACHE_SECONDS:
+                self._queue_cached = (now, self._queue())
+            return self._queue_cached[1]
 
     def _queue(self) -> Tuple[Dict[str, int], float]:
         spool = self.spool()
@@ -143,33 +161,32 @@ def parse_listen(text: str) -> Tuple[str, int]:
     return host, int(port_text)
 
 
-class _HTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+def _answer(registry: CollectorRegistry) -> Callable[[str, str], Tuple[int, str, bytes]]:
+    def answer(method: str, target: str) -> Tuple[int, str, bytes]:
+        if target.split("?", 1)[0] != "/metrics":
+            return 404, "text/plain; charset=utf-8", b"only /metrics is served here\n"
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain; charset=utf-8", b"GET /metrics\n"
+        return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
 
-    def handle_error(self, request, client_address) -> None:
-        log.warning("metrics request from %s failed", client_address[0])
+    return answer
 
 
 class MetricsServer:
+    """``/metrics`` only, with bounded threads and connections and request deadlines (``metricshttp``)."""
+
     def __init__(self, metrics: Metrics, listen: str):
         host, port = parse_listen(listen)
-        handler = MetricsHandler.factory(metrics.registry)
-        handler.log_message = lambda *a, **k: None  # one line per scrape would drown the mail log
-        cls = _HTTPServer
-        if ":" in host:
-            cls = type("_HTTPServer6", (_HTTPServer,), {"address_family": socket.AF_INET6})
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            self.server = cls((host, port), handler)
+            self.server = BoundedHttpServer((host, port), family, _answer(metrics.registry),
+                                            workers=METRICS_WORKERS, max_connections=METRICS_MAX_CONNECTIONS)
         except OSError as exc:
             raise PmasterError("[metrics] cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc))
         self.address = self.server.server_address
-        self.thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
-        self.thread.start()
+        self.server.start()
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()

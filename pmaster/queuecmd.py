@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Dict, List
 
-from pmaster import privileges
+from pmaster import privileges, sanitize
 from pmaster.config import Config, load
 from pmaster.envelope import BOUNCED, PENDING, Envelope
 from pmaster.errors import PmasterError, QueueIdError, SpoolError
@@ -122,7 +122,8 @@ def cmd_list(spool: Spool, args: argparse.Namespace) -> int:
         print("%-18s %9d  %-20s  %-8s  <%s>" % (env.queue_id, env.size, _iso(env.arrival), message_state(env, now),
                                                env.sender))
         for r in env.recipients:
-            extra = " (%s)" % r.last_reply if r.last_reply and r.state != "sent" else ""
+            # Records written before texts were sanitized may still hold terminal controls (issue 17).
+            extra = " (%s)" % sanitize.remote_text(r.last_reply) if r.last_reply and r.state != "sent" else ""
             print("%62s<%s> %s%s" % ("", r.address, r.state, extra))
     print("-- %d message%s" % (len(envs), "" if len(envs) == 1 else "s"))
     return 0
@@ -136,7 +137,8 @@ def cmd_show(spool: Spool, qid: str) -> int:
         for raw in f:
             if raw in (b"\r\n", b"\n"):
                 break
-            sys.stdout.write(raw.decode("utf-8", "replace").rstrip("\r\n") + "\n")
+            # A client wrote these headers: no escape sequence of theirs reaches the operator's terminal.
+            sys.stdout.write(sanitize.remote_text(raw.decode("utf-8", "replace").rstrip("\r\n")) + "\n")
     return 0
 
 

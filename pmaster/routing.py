@@ -288,20 +288,41 @@ def _probe_address(key: str, config: Config) -> str:
 
 
 def _open_relay_warnings(config: Config, router: Router) -> List[Diagnostic]:
+    """Open relays (issue 17 item 12): an error unless ``[core] allow-open-relay = yes``, then a warning."""
     from pmaster.config import parse_listen  # local: only check needs listen parsing here
 
     out = []
+    severity = "warning" if config.core.allow_open_relay else "error"
     for smtpd in config.smtpd.values():
-        if router.lookup("@", smtpd.routing_table) is None:
+        entry = router.lookup("@", smtpd.routing_table)
+        if entry is None:
             continue
         hosts = [parse_listen(p, smtpd.ident) for p in smtpd.listen_ports]
         if all(h is not None and _is_loopback(h[0]) for h in hosts):
             continue
         pos = smtpd.pos
         out.append(Diagnostic(pos.file if pos else config.path, pos.line if pos else 1, pos.col if pos else 1,
-                              "warning", "[smtpd %s] listens beyond loopback and its routing table has a catch-all "
-                              "'@': it relays mail for any domain (an open relay)" % smtpd.ident))
+                              severity, _open_relay_text(config, smtpd.ident, smtpd.routing_table, entry)))
     return out
+
+
+def open_relay_problems(config: Config) -> List[Diagnostic]:
+    """The open-relay diagnostics alone, for ``pmaster run`` (errors unless ``allow-open-relay``)."""
+    return _open_relay_warnings(config, Router(config, is_local_user=lambda name: True))
+
+
+def _open_relay_text(config: Config, ident: str, table: Optional[str], entry: RouteEntry) -> str:
+    where = "%s:%d" % (entry.pos.file, entry.pos.line) if entry.pos else "the unnamed [route]"
+    named = config.routes.get(table) if table is not None else None
+    if named is not None and "@" not in named.entries:
+        # The case that surprises: the named table has no '@' but inherits the unnamed table's (SPEC 3).
+        why = ("its routing table %r has no '@' of its own and inherits the catch-all '@' of the unnamed [route] "
+               "table (%s)" % (table, where))
+    else:
+        why = "its routing table has a catch-all '@' (%s)" % where
+    hint = "" if config.core.allow_open_relay else "; set [core] allow-open-relay = yes if that is intended"
+    return "[smtpd %s] listens beyond loopback and %s: it relays mail for any domain (an open relay)%s" % (
+        ident, why, hint)
 
 
 def _is_loopback(host: str) -> bool:

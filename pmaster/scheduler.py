@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from pmaster import bounce as bounces
+from pmaster import sanitize
 from pmaster.config import Config
 from pmaster.envelope import BOUNCED, PENDING, SENT, Envelope, Recipient, split_address
 from pmaster.errors import QueueIdError, SpoolError
@@ -910,8 +911,9 @@ class Scheduler:
         r.last_attempt = now
         if r.first_attempt is None:
             r.first_attempt = now
-        r.last_reply = result.reply
-        r.dsn_status = result.enhanced
+        reply = sanitize.remote_text(result.reply)  # a peer's text: no controls into the log or DSN (issue 17)
+        r.last_reply = reply
+        r.dsn_status = sanitize.remote_text(result.enhanced)
         expires = env.arrival + config.core.queue_lifetime
         if result.status == OK:
             r.state = SENT
@@ -919,7 +921,7 @@ class Scheduler:
             r.state = BOUNCED
         elif now >= expires:
             r.state = BOUNCED
-            r.last_reply = "%s (gave up: in queue longer than %ds)" % (result.reply, config.core.queue_lifetime)
+            r.last_reply = "%s (gave up: in queue longer than %ds)" % (reply, config.core.queue_lifetime)
             r.dsn_status = "4.4.7" if not r.dsn_status.startswith("5") else r.dsn_status
         else:
             # The last retry falls on the expiry time, so a message never waits past its lifetime.

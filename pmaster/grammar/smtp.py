@@ -12,7 +12,8 @@ Invariants (SPEC 4 and 9): verbs and FROM:/TO: are case-insensitive; a space aft
   trailing dot (``envelope.normalize_address``); address literals are checked (IPv4, ``IPv6:``, general);
   non-ASCII in an address is accepted (broken clients send it without SMTPUTF8: answer, never crash).
   Replies: unknown verb ``500 5.5.2``; bad arguments ``501 5.5.4``; bad MAIL/RCPT address ``501 5.1.7`` /
-  ``501 5.1.3``. The only exception ``parse_command`` raises is ``SmtpSyntaxError``.
+  ``501 5.1.3``; C1 controls, U+2028/U+2029 and bidi controls in a HELO name (``501 5.5.4``) or an address
+  (``501 5.1.7`` / ``501 5.1.3``) are refused (``sanitize.has_unsafe``). The only exception ``parse_command`` raises is ``SmtpSyntaxError``.
 Threading: lexer and LR tables are built once at import; each thread gets its own parser object (sharing the
   read-only tables) and its own lexer clone, because PLY keeps parse stacks and lexer state on those objects.
 Errors: grammar rules and token patterns are attached by decorators rather than written as docstrings, so
@@ -31,6 +32,7 @@ import ply.lex as lex
 import ply.yacc as yacc
 
 from pmaster import reply as replies
+from pmaster import sanitize
 from pmaster.envelope import normalize_address
 from pmaster.errors import SmtpError
 from pmaster.reply import Reply
@@ -214,8 +216,8 @@ class _Grammar:
                       | EHLO text_required""")
     def p_command_helo(self, p):
         text = p[2]
-        if _CONTROL.search(text):
-            raise _Fail("args")  # it goes into the Received: header
+        if _CONTROL.search(text) or sanitize.has_unsafe(text):
+            raise _Fail("args")  # it goes into the Received: header and the log (issue 17 item 10)
         p[0] = Command(p[1].upper(), domain=" ".join(text.split()))
 
     @_rule("""command : VRFY text_required
@@ -238,12 +240,14 @@ class _Grammar:
 
     @_rule("""command : MAIL SP mail_keyword COLON opt_sp path params""")
     def p_command_mail(self, p):
+        if sanitize.has_unsafe(p[6]):
+            raise _Fail("address")  # C1, line separators, bidi: a forged or hidden log text (issue 17 item 10)
         p[0] = Command("MAIL", address=p[6], params=p[7])
 
     @_rule("""command : RCPT SP rcpt_keyword COLON opt_sp path params""")
     def p_command_rcpt(self, p):
-        if not p[6]:
-            raise _Fail("address")  # RCPT TO:<>
+        if not p[6] or sanitize.has_unsafe(p[6]):
+            raise _Fail("address")  # RCPT TO:<>; or C1, line separators, bidi (issue 17 item 10)
         p[0] = Command("RCPT", address=p[6], params=p[7])
 
     @_rule("""text_required : SP TEXT""")

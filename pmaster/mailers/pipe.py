@@ -36,7 +36,7 @@ import time
 from collections.abc import Sequence
 from typing import BinaryIO
 
-from pmaster import affinity
+from pmaster import affinity, sanitize
 from pmaster.config import PipeConfig
 from pmaster.envelope import Recipient, split_address
 from pmaster.mailers import OK, PERMFAIL, TEMPFAIL, Delivery, Result
@@ -185,7 +185,7 @@ def _deliver_once(delivery: Delivery, pipe: PipeConfig | None, command: str | No
     if delivery.deadline is not None:
         end = min(end, delivery.deadline)
     result = _run(argv, env, delivery, end, _workdir(delivery))
-    log.debug("%s: pipe %s: %s", delivery.queue_id, name, result.reply)
+    log.debug("%s: pipe %s: %s", delivery.queue_id, name, sanitize.remote_text(result.reply))
     return result
 
 

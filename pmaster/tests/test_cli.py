@@ -86,10 +86,17 @@ def test_check_config_is_a_directory(tmp_path):
     assert len(proc.stderr.splitlines()) == 1
 
 
-def test_check_open_relay_warning_for_all_addresses(tmp_path):
+def test_check_open_relay_error_for_all_addresses(tmp_path):
     path = write(tmp_path, "[smtpd mx]\nlisten-port = 0.0.0.0:25\n[route]\n@ relay(smart.example.net)\n")
     proc = pmaster("check", "-c", path)
-    assert proc.returncode == 0 and "%s:1:1: warning:" % path in proc.stderr and "open relay" in proc.stderr
+    assert proc.returncode == 1 and "%s:1:1: error:" % path in proc.stderr and "open relay" in proc.stderr
+
+
+def test_check_open_relay_warning_with_allow_open_relay(tmp_path):
+    path = write(tmp_path, "[core]\nallow-open-relay = yes\n[smtpd mx]\nlisten-port = 0.0.0.0:25\n[route]\n"
+                           "@ relay(smart.example.net)\n")
+    proc = pmaster("check", "-c", path)
+    assert proc.returncode == 0 and "%s:3:1: warning:" % path in proc.stderr and "open relay" in proc.stderr
 
 
 def test_check_no_open_relay_warning_on_loopback(tmp_path):

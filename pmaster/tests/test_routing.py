@@ -446,7 +446,7 @@ def test_static_check_accepts_example():
 
 
 def test_static_check_open_relay_on_all_addresses(tmp_path):
-    assert diags(tmp_path, "[smtpd mx]\nlisten-port 0.0.0.0:25\n[route]\n@ relay()\n") == [(1, "warning")]
+    assert diags(tmp_path, "[smtpd mx]\nlisten-port 0.0.0.0:25\n[route]\n@ relay()\n") == [(1, "error")]
 
 
 def test_static_check_no_open_relay_on_loopback(tmp_path):
