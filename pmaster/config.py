@@ -161,6 +161,8 @@ class MetricsConfig:
 class WebadminConfig:
     listen_port: str = "127.0.0.1:8025"
     password_file: Optional[str] = None
+    tls_certificate: Optional[str] = None
+    tls_key: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -429,7 +431,8 @@ SCHEMA = {
         "helo-name": _Key(_str), "verify-recipients": _Key(_bool, supported=False, default=False),
     },
     "metrics": {"listen-port": _Key(_metrics_listen)},
-    "webadmin": {"listen-port": _Key(_str, supported=False), "password-file": _Key(_path, supported=False)},
+    "webadmin": {"listen-port": _Key(_metrics_listen), "password-file": _Key(_path),
+                 "tls-certificate": _Key(_path), "tls-key": _Key(_path)},
 }
 
 
@@ -564,8 +567,6 @@ class _Loader:
         if kind in SINGLETON_KINDS and h.ident:
             self.error(Position(self.path, h.line, h.ident_col), "[%s] takes no name" % kind)
         ident = h.ident if kind not in SINGLETON_KINDS else None
-        if kind == "webadmin":
-            self.error(pos, "[%s] is not supported yet" % kind)
         return self.open_section(kind, ident, pos, basedir)
 
     def open_section(self, kind: str, ident: Optional[str], pos: Position, basedir: str,
@@ -716,8 +717,9 @@ class _Loader:
             pipes["procmail"] = PipeConfig("procmail", DEFAULT_PROCMAIL, max_rcpt_to=1)
         metrics_sec = self.section("metrics")
         metrics = MetricsConfig(metrics_sec.values.get("listen-port")) if metrics_sec else None
+        webadmin = self.build_webadmin()
         config = Config(path=os.path.abspath(self.path), core=core, syslog=syslog, logfiles=logfiles, smtpd=smtpd,
-                        pipes=pipes, relays=relays, routes=routes, metrics=metrics)
+                        pipes=pipes, relays=relays, routes=routes, metrics=metrics, webadmin=webadmin)
         self.check_references(config)
         return config
 
@@ -748,6 +750,27 @@ class _Loader:
                     what = "user" if key == "user-id" else "group"
                     self.machine_problem(sec.key_pos[key], "no such %s: %r" % (what, name))
         return core
+
+    def build_webadmin(self) -> Optional[WebadminConfig]:
+        """[webadmin] (SPEC 8): HTTPS needs both files; a listener off loopback without them is a warning."""
+        sec = self.section("webadmin")
+        if sec is None:
+            return None
+        cfg = self.build_simple("webadmin", WebadminConfig, {})
+        if bool(cfg.tls_certificate) != bool(cfg.tls_key):
+            self.error(sec.pos, "[webadmin] needs both tls-certificate and tls-key for HTTPS")
+        for key in ("tls-certificate", "tls-key", "password-file"):
+            path = sec.values.get(key)
+            if path and not os.path.isfile(path):
+                self.machine_problem(sec.key_pos[key], "%s: no such file: %s" % (key, path))
+        if not cfg.password_file:
+            self.warning(sec.pos, "[webadmin] has no password-file: nobody can log in")
+        host = "127.0.0.1" if cfg.listen_port.isdigit() else (split_hostport(cfg.listen_port) or ("", None))[0]
+        if not cfg.tls_certificate and not _is_loopback_host(host):
+            self.warning(sec.key_pos.get("listen-port", sec.pos),
+                         "[webadmin] listens on %s without tls-certificate: passwords and sessions travel "
+                         "in plain text" % cfg.listen_port)
+        return cfg
 
     def build_smtpd(self, s: _Section) -> SmtpdConfig:
         values = {k.replace("-", "_"): v for k, v in s.values.items()}
@@ -844,6 +867,15 @@ def _exists(lookup: Callable, name: str) -> bool:
         return True
     except (KeyError, ValueError):  # ValueError: a NUL in the name
         return False
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name (or *): it may resolve to anything
 
 
 def _listen_host(ident: str) -> str:
