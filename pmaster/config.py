@@ -499,6 +499,7 @@ class _Loader:
         self.sections: List[_Section] = []
         self.by_key: Dict[Tuple[str, Optional[str]], _Section] = {}
         self.misspelt_kind = False
+        self.texts: Dict[str, str] = {}  # absolute path -> text to judge instead of the file (web admin)
 
     # -- diagnostics
 
@@ -515,6 +516,8 @@ class _Loader:
     # -- reading
 
     def read_file(self, path: str, pos: Optional[Position]) -> Optional[str]:
+        if os.path.abspath(path) in self.texts:
+            return self.texts[os.path.abspath(path)]
         try:
             with open(path, "rb") as f:
                 raw = f.read()
@@ -889,9 +892,14 @@ def _default_hostname(machine: bool) -> str:
     return name.lower().rstrip(".") or "localhost"
 
 
-def load_with_diagnostics(path: str, machine: bool = False) -> Tuple[Optional[Config], List[Diagnostic]]:
-    """Parse and build; returns the config (None when errors prevent building) and every diagnostic."""
+def load_with_diagnostics(path: str, machine: bool = False, texts: Optional[Dict[str, str]] = None
+                          ) -> Tuple[Optional[Config], List[Diagnostic]]:
+    """Parse and build; returns the config (None when errors prevent building) and every diagnostic.
+
+    ``texts`` maps absolute file paths to contents judged instead of the files (an edit not yet saved).
+    """
     loader = _Loader(path, machine)
+    loader.texts = {os.path.abspath(k): v for k, v in (texts or {}).items()}
     loader.load()
     config = loader.build()
     diags = sorted(loader.diagnostics, key=lambda d: (d.file != path, d.file, d.line, d.col))
