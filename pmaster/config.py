@@ -5,6 +5,9 @@ API:
      Warnings are kept in ``Config.diagnostics``. With ``machine=True`` (``pmaster run``), problems that
      depend on the machine (missing include file, unknown user, unresolvable host) are errors, else warnings.
   ``check(path) -> List[Diagnostic]``: every error and warning, for ``pmaster check``.
+  ``load_with_diagnostics(path, machine, texts=None)``: the config or None, and every diagnostic; ``texts``
+     judges edited file contents instead of the files (the web admin); ``config_files(path)`` lists the
+     file and its includes.
   The model classes below; every default of SPEC section 2 lives here.
 Invariants: a ``Config`` is never mutated after ``load`` returns; SIGHUP swaps the whole object.
 """
@@ -500,6 +503,7 @@ class _Loader:
         self.by_key: Dict[Tuple[str, Optional[str]], _Section] = {}
         self.misspelt_kind = False
         self.texts: Dict[str, str] = {}  # absolute path -> text to judge instead of the file (web admin)
+        self.files: List[str] = []  # every file read, the main one first
 
     # -- diagnostics
 
@@ -516,6 +520,8 @@ class _Loader:
     # -- reading
 
     def read_file(self, path: str, pos: Optional[Position]) -> Optional[str]:
+        if os.path.abspath(path) not in self.files:
+            self.files.append(os.path.abspath(path))
         if os.path.abspath(path) in self.texts:
             return self.texts[os.path.abspath(path)]
         try:
@@ -906,6 +912,14 @@ def load_with_diagnostics(path: str, machine: bool = False, texts: Optional[Dict
     if any(d.is_error for d in diags):
         return None, diags
     return Config(**{**config.__dict__, "diagnostics": tuple(diags)}), diags
+
+
+def config_files(path: str, texts: Optional[Dict[str, str]] = None) -> List[str]:
+    """The configuration file and every routing file it includes (absolute paths, the main one first)."""
+    loader = _Loader(path, False)
+    loader.texts = {os.path.abspath(k): v for k, v in (texts or {}).items()}
+    loader.load()
+    return loader.files
 
 
 def load(path: str, machine: bool = False) -> Config:
