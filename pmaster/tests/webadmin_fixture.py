@@ -19,12 +19,13 @@ import json
 import os
 import re
 import smtplib
+import socket
 import urllib.parse
 from email.message import EmailMessage
 from typing import Dict, List, Optional
 
 from pmaster.passwords import set_password
-from pmaster.tests.daemon_fixture import DaemonProcess
+from pmaster.tests.daemon_fixture import DaemonProcess, wait_for
 
 PASSWORD = "correct horse battery staple"
 
@@ -65,7 +66,17 @@ def start_web_daemon(tmp_path, config: str = WEB_CONFIG, routes: str = "# includ
     daemon = DaemonProcess(tmp_path, config, extra_ports=1)
     daemon.web_port = daemon.ports[1]
     daemon.start()
+    # The SMTP port is bound before the daemon starts its threads; the web admin binds after the privilege drop.
+    wait_for(lambda: _accepts(daemon.web_port), 15)
     return daemon
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 class Reply:
