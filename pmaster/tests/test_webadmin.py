@@ -361,3 +361,103 @@ def test_route_tester_gives_what_pmaster_route_json_gives(daemon, web):
 def test_route_tester_reports_no_route(web):
     api = web.get("/api/route?address=nobody@nowhere.test").json()
     assert api["results"] == [] and "5.1.1" in api["error"]
+
+
+# -- configuration (each test gets its own daemon: applying changes the file)
+
+@pytest.fixture
+def cfg_daemon(tmp_path):
+    d = start_web_daemon(tmp_path)
+    yield d
+    d.stop()
+
+
+def _config_form(web, path=None):
+    page = web.get("/config" + ("?" + urllib.parse.urlencode({"file": path}) if path else ""))
+    base = re.search(r'name="base" value="([0-9a-f]+)"', page.text).group(1)
+    return page, base
+
+
+def test_config_page_lists_the_file_and_its_includes(cfg_daemon):
+    web = Web(cfg_daemon.web_port)
+    web.login()
+    text = web.get("/config").text
+    assert os.path.join(cfg_daemon.tmp, "routes.inc") in text
+    assert "[webadmin]" in text
+
+
+def test_config_with_an_error_shows_it_at_its_line_and_is_not_written(cfg_daemon):
+    web = Web(cfg_daemon.web_port)
+    web.login()
+    _, base = _config_form(web)
+    bad = cfg_daemon.config_text.replace("  retry-min = 1h\n", "  retry-min = soon\n")
+    line = bad.split("\n").index("  retry-min = soon") + 1
+    reply = web.post_form("/config", {"csrf": web.csrf(), "text": bad, "base": base, "do": "apply"})
+    assert re.search(r'<li id="line-%d" class="has-error">.*?<div class="diag error" id="diag-%d">%d:' % (
+        line, line, line), reply.text)
+    with open(cfg_daemon.config_path) as f:
+        assert f.read() == cfg_daemon.config_text
+
+
+def test_applied_config_is_backed_up_reloaded_and_routes(cfg_daemon):
+    web = Web(cfg_daemon.web_port)
+    web.login()
+    _, base = _config_form(web)
+    new = cfg_daemon.config_text.replace("[route]\n", "[route]\n  @new.example  pipe(cat >/dev/null)\n")
+    reply = web.post_form("/config", {"csrf": web.csrf(), "text": new, "base": base, "do": "apply"})
+    assert 'id="applied"' in reply.text, reply.text
+    with open(cfg_daemon.config_path) as f:
+        assert f.read() == new
+    backups = [n for n in os.listdir(cfg_daemon.tmp) if n.startswith("pmaster.cf.") and n.endswith(".bak")]
+    assert len(backups) == 1
+    assert wait_for(lambda: web.get("/api/route?address=a@new.example").json()["results"], 15)
+
+
+def test_config_changed_on_disk_is_never_overwritten(cfg_daemon):
+    web = Web(cfg_daemon.web_port)
+    web.login()
+    _, base = _config_form(web)
+    with open(cfg_daemon.config_path, "a") as f:
+        f.write("# changed by someone else\n")
+    reply = web.api("POST", "/api/config/apply", {"text": cfg_daemon.config_text + "# mine\n", "base": base},
+                    {"X-CSRF-Token": web.csrf()})
+    assert reply.status == 409
+    with open(cfg_daemon.config_path) as f:
+        assert f.read().endswith("# changed by someone else\n")
+
+
+def test_failed_reload_keeps_the_running_configuration_and_says_why(cfg_daemon):
+    web = Web(cfg_daemon.web_port)
+    web.login()
+    _, base = _config_form(web)
+    garbage = os.path.join(cfg_daemon.tmp, "garbage.pem")
+    with open(garbage, "w") as f:
+        f.write("not a certificate\n")
+    new = cfg_daemon.config_text.replace(
+        "  listen-port = 127.0.0.1:%d\n" % cfg_daemon.port,
+        "  listen-port = 127.0.0.1:%d\n  tls-certificate = %s\n  tls-key = %s\n" % (cfg_daemon.port, garbage, garbage))
+    new = new.replace("[route]\n", "[route]\n  @later.example  pipe(cat >/dev/null)\n")
+    reply = web.api("POST", "/api/config/apply", {"text": new, "base": base}, {"X-CSRF-Token": web.csrf()})
+    result = reply.json()
+    assert result["applied"] and result["reload_error"], result
+    assert web.get("/api/route?address=a@later.example").json()["results"] == []
+
+
+def test_include_file_can_be_edited(cfg_daemon):
+    web = Web(cfg_daemon.web_port)
+    web.login()
+    inc = os.path.join(cfg_daemon.tmp, "routes.inc")
+    _, base = _config_form(web, inc)
+    reply = web.api("POST", "/api/config/apply", {"file": inc, "text": "@inc.example  pipe(cat >/dev/null)\n",
+                                                  "base": base}, {"X-CSRF-Token": web.csrf()})
+    assert reply.json()["applied"], reply.text
+    assert wait_for(lambda: web.get("/api/route?address=a@inc.example").json()["results"], 15)
+
+
+def test_file_outside_the_configuration_is_refused(cfg_daemon):
+    web = Web(cfg_daemon.web_port)
+    web.login()
+    assert web.get("/config?file=/etc/passwd").status == 404
+    reply = web.api("POST", "/api/config/apply", {"file": "/etc/passwd", "text": "x", "base": ""},
+                    {"X-CSRF-Token": web.csrf()})
+    assert reply.status == 404
