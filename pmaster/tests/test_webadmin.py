@@ -461,3 +461,11 @@ def test_file_outside_the_configuration_is_refused(cfg_daemon):
     reply = web.api("POST", "/api/config/apply", {"file": "/etc/passwd", "text": "x", "base": ""},
                     {"X-CSRF-Token": web.csrf()})
     assert reply.status == 404
+
+
+def test_post_with_null_origin_from_another_site_changes_nothing(daemon, web):
+    qid = _one(web, daemon, "nullorigin@example.org")
+    reply = web.post_form("/queue/action", {"action": "delete", "id": qid, "confirm": "yes", "csrf": web.csrf()},
+                          origin="null", headers={"Sec-Fetch-Site": "cross-site"})
+    assert reply.status == 403
+    assert qid in daemon.queue_ids()

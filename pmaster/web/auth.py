@@ -4,7 +4,8 @@ API:
   ``Auth(password_file)``: ``login(user, password, client) -> (Session | None, wait_seconds)``;
     ``session(cookie_header) -> Session | None``; ``logout(session)``; ``basic(header, client) -> user | None``
     (HTTP Basic, for the JSON API); ``check_csrf(session, token) -> bool``.
-  ``same_origin(headers, scheme, host) -> bool``: the ``Origin`` (or, without it, ``Referer``) names us.
+  ``same_origin(headers, scheme, host) -> bool``: the ``Origin`` (or, when it is absent or ``null``,
+    ``Sec-Fetch-Site: same-origin``, else the ``Referer``) names us.
   ``cookie(session, secure) -> str``, ``clear_cookie(secure) -> str``: ``Set-Cookie`` values.
 Invariants (SPEC 8): the session cookie is HttpOnly and SameSite=Strict (and Secure over HTTPS); a session
   carries its own CSRF token (random, compared in constant time); sessions expire after ``IDLE`` seconds
@@ -192,8 +193,15 @@ def same_origin(headers: Mapping[str, str], scheme: str, host: Optional[str]) ->
         return False
     ours = "%s://%s" % (scheme, host.lower())
     origin = headers.get("Origin")
-    if origin is not None:
+    if origin is not None and origin.strip() != "null":
         return origin.strip().lower() == ours
+    # Under our Referrer-Policy: no-referrer, browsers send "Origin: null" and no Referer on a form POST
+    # (Fetch, "serializing a request origin"); their Sec-Fetch-Site, which no page can forge, says where it came from.
+    fetch_site = headers.get("Sec-Fetch-Site")
+    if fetch_site is not None:
+        return fetch_site.strip().lower() == "same-origin"
+    if origin is not None:
+        return False  # "null" from a client that sends no Sec-Fetch-Site: sandboxed frames, file: pages
     referer = headers.get("Referer")
     if not referer:
         return False
