@@ -68,7 +68,8 @@ class Api:
     # -- dashboard
 
     def stats(self) -> Dict[str, object]:
-        self.index.refresh()
+        if self.index.ready:  # never wait for the first look at a full queue: the numbers follow
+            self.index.refresh()
         return self.stats_source.snapshot(self.index.counts())
 
     # -- queue
@@ -77,9 +78,12 @@ class Api:
         flt = Filter.parse(values)
         per_page = max(1, min(MAX_PER_PAGE, per_page))
         page = max(1, page)
-        self.index.refresh()
         now = time.time()
-        total, entries = self.index.query(flt, (page - 1) * per_page, per_page, now)
+        if not self.index.ready and flt.empty():
+            total, entries = self.index.unindexed_page((page - 1) * per_page, per_page)
+        else:
+            self.index.refresh()
+            total, entries = self.index.query(flt, (page - 1) * per_page, per_page, now)
         return {
             "total": total, "page": page, "per_page": per_page, "pages": max(1, -(-total // per_page)),
             "filter": flt.as_dict(), "problems": flt.problems,

@@ -4,7 +4,8 @@ API:
   ``QueueIndex(spool)``: ``refresh()`` brings it up to date (at most every ``MIN_REFRESH`` seconds unless
     ``force``); ``feed(qid, fresh)`` takes an envelope the SMTP side just wrote (``Runtime.notify``), so a
     new message costs no read; ``query(Filter, offset, limit) -> (total, [Entry])``; ``counts() -> (by state,
-    oldest age)``; ``subject(entry)`` reads the Subject on demand (cached).
+    oldest age)``; ``unindexed_page(offset, limit)`` serves an unfiltered page before the first refresh is
+    done; ``subject(entry)`` reads the Subject on demand (cached).
   ``Filter.parse(mapping)``: sender, recipient, domain, state, age (a duration: older than), text.
 Invariants: a refresh is one listing of ``queue/`` (``Spool.listing``): ids that appeared are loaded (or taken
   from what was fed), ids that went are dropped, and only messages with a saved envelope (``ID.env``: the
@@ -103,6 +104,7 @@ class QueueIndex:
         self._fed: Dict[str, Tuple[tuple, Envelope]] = {}
         self._last = 0.0
         self.loaded = 0  # envelopes read from disk, for the figures
+        self.ready = False  # the first refresh is done (at start it reads every envelope once)
 
     def feed(self, qid: Optional[str], fresh: Optional[tuple] = None) -> None:
         """``Runtime.notify``'s tap: remember the envelope just written, so the next refresh need not read it."""
@@ -125,6 +127,7 @@ class QueueIndex:
                 return
             self._refresh()
             self._last = time.monotonic()
+            self.ready = True
 
     def _refresh(self) -> None:
         try:
@@ -169,6 +172,20 @@ class QueueIndex:
         if entry is not None:
             new.subject = entry.subject
         return new
+
+    def unindexed_page(self, offset: int, limit: int) -> Tuple[int, List[Entry]]:
+        """While the first refresh still reads the queue: an unfiltered page from one listing and the few
+        envelopes it shows, so the first page is quick even just after a start with a full queue."""
+        try:
+            ids = self.spool.ids()
+        except SpoolError:
+            return 0, []
+        out = []
+        for qid in ids[max(0, offset):max(0, offset) + max(0, limit)]:
+            entry = self.get(qid) or self._reload(qid, None)
+            if entry is not None:
+                out.append(entry)
+        return len(ids), out
 
     def get(self, qid: str) -> Optional[Entry]:
         with self._lock:
