@@ -443,9 +443,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
             self.end_headers()
-            for chunk in resp.stream():
-                self.wfile.write(chunk)
-                self.wfile.flush()
+            chunks = resp.stream()
+            try:
+                for chunk in chunks:
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+            except OSError:
+                pass  # the dashboard was closed: the usual end of a stream
+            finally:
+                chunks.close()  # gives the stream's slot back now, not at garbage collection
             return
         self.send_header("Content-Length", str(len(resp.body)))
         self.end_headers()
