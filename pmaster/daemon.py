@@ -3,7 +3,8 @@
 API: ``run(config_path, detach=False) -> int`` (``pmaster run``).
 Start-up order (SPEC 7): load and validate the configuration as ``pmaster run`` judges it (machine problems
   are errors), bind every listener (so "port in use" is reported to the terminal), fork when ``--daemon``,
-  write the pid file, drop to ``group-id``/``user-id``, then start the scheduler and the listener threads.
+  write the pid file, drop to ``group-id``/``user-id``, then start the scheduler, the listener threads and
+  the web admin (``[webadmin]``, bound after the drop). ``reload_and_wait()``: the web admin's apply.
 Signals: SIGTERM/SIGINT stop accepting, give sessions and deliveries 30 s in all, then mailer children are
   killed (their recipients stay deferred) and the process exits 0. SIGHUP reloads; a bad file is logged and
   the running configuration kept.
