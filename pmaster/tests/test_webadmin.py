@@ -469,3 +469,44 @@ def test_post_with_null_origin_from_another_site_changes_nothing(daemon, web):
                           origin="null", headers={"Sec-Fetch-Site": "cross-site"})
     assert reply.status == 403
     assert qid in daemon.queue_ids()
+
+
+# -- HTTPS and check
+
+def test_https_listener_sets_a_secure_cookie(tmp_path):
+    import ssl
+
+    import trustme
+
+    from pmaster.tests.webadmin_fixture import WEB_CONFIG
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "web.pem"))
+    config = WEB_CONFIG.replace("  password-file = {tmp}/passwords\n", "  password-file = {tmp}/passwords\n"
+                                "  tls-certificate = {tmp}/web.pem\n  tls-key = {tmp}/web.pem\n")
+    d = start_web_daemon(tmp_path, config)
+    try:
+        import http.client
+
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        conn = http.client.HTTPSConnection("127.0.0.1", d.web_port, timeout=20, context=context)
+        body = urllib.parse.urlencode({"user": "admin", "password": PASSWORD})
+        conn.request("POST", "/login", body, {"Content-Type": "application/x-www-form-urlencoded",
+                                              "Origin": "https://127.0.0.1:%d" % d.web_port})
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        assert resp.status == 303
+        assert "; Secure" in resp.headers["Set-Cookie"]
+    finally:
+        d.stop()
+
+
+def test_check_warns_about_webadmin_off_loopback_without_tls(tmp_path):
+    cfg = tmp_path / "pmaster.cf"
+    cfg.write_text("[webadmin]\n  listen-port = 0.0.0.0:8025\n[route]\n  @x.test pipe(true)\n")
+    proc = subprocess.run([sys.executable, "-m", "pmaster", "check", "-c", str(cfg)], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=REPO))
+    assert "%s:2:3: warning: [webadmin] listens on 0.0.0.0:8025 without tls-certificate" % cfg in proc.stdout + proc.stderr
