@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.8",
     packages=find_packages(exclude=["pmaster.tests"]),
+    package_data={"pmaster.web": ["static/*.css", "static/*.js"]},
     install_requires=[
         "ply", "pyOpenSSL", "prometheus-client", "dnspython", "pyspf",
         # SPEC: passlib for password hashes; its maintained fork libpass (same import name) from Python 3.9.

@@ -16,7 +16,7 @@ from typing import List, Optional
 
 from pmaster import __version__
 from pmaster.config import DEFAULT_CONFIG, load, load_with_diagnostics
-from pmaster.errors import ConfigError, PmasterError, RouteError
+from pmaster.errors import ConfigError, PmasterError
 
 
 def default_config() -> str:
@@ -49,7 +49,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from pmaster.routing import Router
+    from pmaster.routing import Router, route_one
 
     config = load(args.config)
     if args.table is not None and args.table not in config.routes:
@@ -59,17 +59,11 @@ def cmd_route(args: argparse.Namespace) -> int:
     failed = False
     results = []
     for address in args.address:
-        address = address.strip()
-        if address.startswith("<") and address.endswith(">"):
-            address = address[1:-1]
-        if not address or any(c.isspace() for c in address):
-            raise PmasterError("bad address %r" % address)
-        try:
-            targets = router.resolve(address, args.table, local_rcpt_to=True)
-        except RouteError as exc:
+        targets, refusal = route_one(router, address, args.table)
+        if refusal is not None:
             failed = True
             if not args.json:
-                print("%s: %s" % (address, exc.reply))
+                print("%s: %s" % (address.strip().strip("<>"), refusal))
             continue
         for t in targets:
             results.append(t.as_json())

@@ -5,6 +5,9 @@ API:
      Warnings are kept in ``Config.diagnostics``. With ``machine=True`` (``pmaster run``), problems that
      depend on the machine (missing include file, unknown user, unresolvable host) are errors, else warnings.
   ``check(path) -> List[Diagnostic]``: every error and warning, for ``pmaster check``.
+  ``load_with_diagnostics(path, machine, texts=None)``: the config or None, and every diagnostic; ``texts``
+     judges edited file contents instead of the files (the web admin); ``config_files(path)`` lists the
+     file and its includes.
   The model classes below; every default of SPEC section 2 lives here.
 Invariants: a ``Config`` is never mutated after ``load`` returns; SIGHUP swaps the whole object.
 """
@@ -167,6 +170,8 @@ class MetricsConfig:
 class WebadminConfig:
     listen_port: str = "127.0.0.1:8025"
     password_file: Optional[str] = None
+    tls_certificate: Optional[str] = None
+    tls_key: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -467,7 +472,8 @@ SCHEMA = {
         "helo-name": _Key(_str), "verify-recipients": _Key(_bool, supported=False, default=False),
     },
     "metrics": {"listen-port": _Key(_metrics_listen)},
-    "webadmin": {"listen-port": _Key(_str, supported=False), "password-file": _Key(_path, supported=False)},
+    "webadmin": {"listen-port": _Key(_metrics_listen), "password-file": _Key(_path),
+                 "tls-certificate": _Key(_path), "tls-key": _Key(_path)},
 }
 
 
@@ -534,6 +540,8 @@ class _Loader:
         self.sections: List[_Section] = []
         self.by_key: Dict[Tuple[str, Optional[str]], _Section] = {}
         self.misspelt_kind = False
+        self.texts: Dict[str, str] = {}  # absolute path -> text to judge instead of the file (web admin)
+        self.files: List[str] = []  # every file read, the main one first
 
     # -- diagnostics
 
@@ -550,6 +558,10 @@ class _Loader:
     # -- reading
 
     def read_file(self, path: str, pos: Optional[Position]) -> Optional[str]:
+        if os.path.abspath(path) not in self.files:
+            self.files.append(os.path.abspath(path))
+        if os.path.abspath(path) in self.texts:
+            return self.texts[os.path.abspath(path)]
         try:
             with open(path, "rb") as f:
                 raw = f.read()
@@ -602,8 +614,6 @@ class _Loader:
         if kind in SINGLETON_KINDS and h.ident:
             self.error(Position(self.path, h.line, h.ident_col), "[%s] takes no name" % kind)
         ident = h.ident if kind not in SINGLETON_KINDS else None
-        if kind == "webadmin":
-            self.error(pos, "[%s] is not supported yet" % kind)
         return self.open_section(kind, ident, pos, basedir)
 
     def open_section(self, kind: str, ident: Optional[str], pos: Position, basedir: str,
@@ -754,8 +764,9 @@ class _Loader:
             pipes["procmail"] = PipeConfig("procmail", DEFAULT_PROCMAIL, max_rcpt_to=1)
         metrics_sec = self.section("metrics")
         metrics = MetricsConfig(metrics_sec.values.get("listen-port")) if metrics_sec else None
+        webadmin = self.build_webadmin()
         config = Config(path=os.path.abspath(self.path), core=core, syslog=syslog, logfiles=logfiles, smtpd=smtpd,
-                        pipes=pipes, relays=relays, routes=routes, metrics=metrics)
+                        pipes=pipes, relays=relays, routes=routes, metrics=metrics, webadmin=webadmin)
         self.check_references(config)
         return config
 
@@ -786,6 +797,27 @@ class _Loader:
                     what = "user" if key == "user-id" else "group"
                     self.machine_problem(sec.key_pos[key], "no such %s: %r" % (what, name))
         return core
+
+    def build_webadmin(self) -> Optional[WebadminConfig]:
+        """[webadmin] (SPEC 8): HTTPS needs both files; a listener off loopback without them is a warning."""
+        sec = self.section("webadmin")
+        if sec is None:
+            return None
+        cfg = self.build_simple("webadmin", WebadminConfig, {})
+        if bool(cfg.tls_certificate) != bool(cfg.tls_key):
+            self.error(sec.pos, "[webadmin] needs both tls-certificate and tls-key for HTTPS")
+        for key in ("tls-certificate", "tls-key", "password-file"):
+            path = sec.values.get(key)
+            if path and not os.path.isfile(path):
+                self.machine_problem(sec.key_pos[key], "%s: no such file: %s" % (key, path))
+        if not cfg.password_file:
+            self.warning(sec.pos, "[webadmin] has no password-file: nobody can log in")
+        host = "127.0.0.1" if cfg.listen_port.isdigit() else (split_hostport(cfg.listen_port) or ("", None))[0]
+        if not cfg.tls_certificate and not _is_loopback_host(host):
+            self.warning(sec.key_pos.get("listen-port", sec.pos),
+                         "[webadmin] listens on %s without tls-certificate: passwords and sessions travel "
+                         "in plain text" % cfg.listen_port)
+        return cfg
 
     def build_smtpd(self, s: _Section) -> SmtpdConfig:
         values = {k.replace("-", "_"): v for k, v in s.values.items()}
@@ -899,6 +931,15 @@ def _exists(lookup: Callable, name: str) -> bool:
         return False
 
 
+def _is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name (or *): it may resolve to anything
+
+
 def _listen_host(ident: str) -> str:
     return "[%s]" % ident if ":" in ident else ident
 
@@ -910,15 +951,28 @@ def _default_hostname(machine: bool) -> str:
     return name.lower().rstrip(".") or "localhost"
 
 
-def load_with_diagnostics(path: str, machine: bool = False) -> Tuple[Optional[Config], List[Diagnostic]]:
-    """Parse and build; returns the config (None when errors prevent building) and every diagnostic."""
+def load_with_diagnostics(path: str, machine: bool = False, texts: Optional[Dict[str, str]] = None
+                          ) -> Tuple[Optional[Config], List[Diagnostic]]:
+    """Parse and build; returns the config (None when errors prevent building) and every diagnostic.
+
+    ``texts`` maps absolute file paths to contents judged instead of the files (an edit not yet saved).
+    """
     loader = _Loader(path, machine)
+    loader.texts = {os.path.abspath(k): v for k, v in (texts or {}).items()}
     loader.load()
     config = loader.build()
     diags = sorted(loader.diagnostics, key=lambda d: (d.file != path, d.file, d.line, d.col))
     if any(d.is_error for d in diags):
         return None, diags
     return Config(**{**config.__dict__, "diagnostics": tuple(diags)}), diags
+
+
+def config_files(path: str, texts: Optional[Dict[str, str]] = None) -> List[str]:
+    """The configuration file and every routing file it includes (absolute paths, the main one first)."""
+    loader = _Loader(path, False)
+    loader.texts = {os.path.abspath(k): v for k, v in (texts or {}).items()}
+    loader.load()
+    return loader.files
 
 
 def load(path: str, machine: bool = False) -> Config:

@@ -3,7 +3,8 @@
 API: ``run(config_path, detach=False) -> int`` (``pmaster run``).
 Start-up order (SPEC 7): load and validate the configuration as ``pmaster run`` judges it (machine problems
   are errors), bind every listener (so "port in use" is reported to the terminal), fork when ``--daemon``,
-  write the pid file, drop to ``group-id``/``user-id``, then start the scheduler and the listener threads.
+  write the pid file, drop to ``group-id``/``user-id``, then start the scheduler, the listener threads and
+  the web admin (``[webadmin]``, bound after the drop). ``reload_and_wait()``: the web admin's apply.
 Signals: SIGTERM/SIGINT stop accepting, give sessions and deliveries 30 s in all, then mailer children are
   killed (their recipients stay deferred) and the process exits 0. SIGHUP reloads; a bad file is logged and
   the running configuration kept.
@@ -82,6 +83,8 @@ class Daemon:
         self.scheduler: Optional[Scheduler] = None
         self.metrics = None
         self.metrics_server = None
+        self.webadmin = None
+        self._reload_waiters: List[Tuple[threading.Event, List[Optional[str]]]] = []
 
     # -- start-up
 
@@ -172,8 +175,27 @@ class Daemon:
                                  name="listen:%s" % listener.ident, daemon=True)
             t.start()
             self.threads.append(t)
+        self.start_webadmin()
         log.info("pmaster started (pid %d): %s", os.getpid(),
                  ", ".join("%s on %s" % (ln.ident, ln.label) for ln in self.listeners) or "no listeners")
+
+    def start_webadmin(self) -> None:
+        """SPEC 8: bound and served after the privilege drop, so it never runs as root."""
+        if self.config.webadmin is None:
+            return
+        from pmaster.web.server import WebAdmin
+
+        self.webadmin = WebAdmin(self)
+        self.webadmin.start()
+
+    def reload_and_wait(self, timeout: float = 60.0) -> Optional[str]:
+        """A reload as SIGHUP does, run by the main thread; None, or why it failed (the web admin's apply)."""
+        done = threading.Event()
+        box: List[Optional[str]] = ["the reload did not finish within %gs" % timeout]
+        self._reload_waiters.append((done, box))
+        self.reload_requested.set()
+        done.wait(timeout)
+        return box[0]
 
     # -- signals and the main loop
 
@@ -190,9 +212,14 @@ class Daemon:
             self.stop_requested.wait(0.5)
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
-                self.reload()
+                waiters, self._reload_waiters = self._reload_waiters, []
+                error = self.reload()
+                for done, box in waiters:
+                    box[0] = error
+                    done.set()
 
-    def reload(self) -> None:
+    def reload(self) -> Optional[str]:
+        """Reload as SIGHUP does; None, or the reason the running configuration was kept."""
         try:
             config = load(self.config_path, machine=True)
             refuse_open_relay(config)
@@ -201,13 +228,13 @@ class Daemon:
             for diagnostic in exc.diagnostics:
                 log.error("%s", diagnostic)
             log.error("reload failed: %s is invalid; keeping the running configuration", self.config_path)
-            return
+            return "; ".join(str(d) for d in exc.diagnostics) or "%s is invalid" % self.config_path
         except PmasterError as exc:
             log.error("reload failed: %s; keeping the running configuration", exc)
-            return
+            return str(exc)
         except Exception:  # a reload must never take the daemon down
             log.exception("reload failed; keeping the running configuration")
-            return
+            return "reload failed (see the daemon log)"
         self.warn_restart_only(config)
         self.config = config
         logsetup.configure(config, foreground=not self.detach)
@@ -215,6 +242,7 @@ class Daemon:
         self.bind_new_listeners(config)
         self.scheduler.notify(None)
         log.info("configuration reloaded from %s", self.config_path)
+        return None
 
     def warn_restart_only(self, config: Config) -> None:
         for name in _RESTART_ONLY:
@@ -283,6 +311,8 @@ class Daemon:
         self.runtime.resources.close()  # policy-service connections and exec: programs
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        if self.webadmin is not None:
+            self.webadmin.stop()
         self.remove_pid_file()
         log.info("stopped")
         logsetup.flush()

@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from pmaster.config import Config
 
@@ -348,12 +348,37 @@ _GATHER_SECONDS = 0.02
 _BATCH = 512
 
 
+_tap: List[Optional[Callable[[float, str, str], None]]] = [None]
+
+
+def set_tap(tap: Optional[Callable[[float, str, str], None]]) -> None:
+    """Give every line written through the writer thread to ``tap(created, level, message)`` as well (the web
+    admin's record of recent log lines per queue id); None removes it. Runs in the writer thread, once per
+    line even when the line goes to several handlers."""
+    _tap[0] = tap
+
+
+def _tap_item(tap: Callable[[float, str, str], None], item: object) -> None:
+    try:
+        if type(item) is tuple:
+            tap(item[1], "INFO", item[2])  # type: ignore[index]
+        else:
+            tap(item.created, item.levelname, item.msg)  # type: ignore[attr-defined]
+    except Exception:  # the tap must never stop logging
+        pass
+
+
 def _write_loop() -> None:
     """Write what is queued in batches: one wake-up and one flush per handler per batch, not per line."""
     while True:
         batch = _take_batch()
         targets = []
+        tap = _tap[0]
+        tapped = None
         for target, item in batch:
+            if tap is not None and item is not tapped:
+                _tap_item(tap, item)
+                tapped = item
             try:
                 if isinstance(target, StrftimeFileHandler):
                     target.batched = True

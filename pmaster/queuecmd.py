@@ -1,6 +1,7 @@
 """``pmaster queue``: list, show, flush, hold, release, delete and bounce queued messages.
 
-API: ``main(args) -> int`` (argparse namespace from the CLI: ``config``, ``action``, ``id``, ``json``).
+API: ``main(args) -> int`` (argparse namespace from the CLI: ``config``, ``action``, ``id``, ``json``);
+  ``perform(spool, config, action, qid) -> str`` (one action, its effect as a line: the CLI and the web admin).
 Invariants: works whether or not the daemon runs. Every change is a read-modify-write of the envelope under
   the message lock, so it never races a delivery's result; after each change it touches ``<spool>/trigger``
   (``Spool.touch_trigger``), so a running daemon rescans the queue within about a second. ``flush``
@@ -20,7 +21,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from pmaster import privileges, sanitize
 from pmaster.config import Config, load
@@ -171,6 +172,12 @@ def _hold(held: bool):
 
 
 def cmd_bounce(spool: Spool, config: Config, qid: str) -> int:
+    print(bounce_message(spool, config, qid))
+    return 0
+
+
+def bounce_message(spool: Spool, config: Config, qid: str) -> str:
+    """Return the pending recipients to the sender now; the effect as one line."""
     if not valid_queue_id(qid) or not spool.exists(qid):
         raise QueueIdError("no message %s in the queue" % qid)
     now = time.time()
@@ -190,16 +197,40 @@ def cmd_bounce(spool: Spool, config: Config, qid: str) -> int:
         spool.save(env)
         spool.remove(qid)
     spool.touch_trigger()  # the daemon forgets the message and picks up the report
-    print("%s: bounced %d recipient%s%s" % (qid, len(failed), "" if len(failed) == 1 else "s",
-                                          "; report %s" % report if report else ""))
-    return 0
+    return "%s: bounced %d recipient%s%s" % (qid, len(failed), "" if len(failed) == 1 else "s",
+                                           "; report %s" % report if report else "")
+
+
+ACTIONS = ("flush", "hold", "release", "delete", "bounce")
+
+
+def perform(spool: Spool, config: Optional[Config], action: str, qid: str) -> str:
+    """One action on one message, as ``pmaster queue ACTION ID`` and the web admin do it; the effect as one
+    line. Raises ``QueueIdError`` for an unknown id, ``PmasterError`` for an unknown action."""
+    if not valid_queue_id(qid):
+        raise QueueIdError("no message %s in the queue" % qid)
+    if action == "flush":
+        env = _change(spool, qid, _flush)
+        return "%s: %s" % (qid, "held: not flushed" if env.held else "flushed")
+    if action in ("hold", "release"):
+        _change(spool, qid, _hold(action == "hold"))
+        return "%s: %s" % (qid, "held" if action == "hold" else "released")
+    if action == "delete":
+        if not spool.exists(qid):
+            raise QueueIdError("no message %s in the queue" % qid)
+        with spool.lock(qid, timeout=LOCK_WAIT):
+            spool.remove(qid)
+        spool.touch_trigger()
+        return "%s: deleted" % qid
+    if action == "bounce" and config is not None:
+        return bounce_message(spool, config, qid)
+    raise PmasterError("unknown queue action %r" % action)
 
 
 def cmd_flush(spool: Spool, qid) -> int:
     """Mark pending recipients due now; held messages stay as they are. One bad record does not stop it."""
     if qid:
-        env = _change(spool, qid, _flush)
-        print("%s: %s" % (qid, "held: not flushed" if env.held else "flushed"))
+        print(perform(spool, None, "flush", qid))
         return 0
     flushed = 0
     failed = 0
@@ -231,18 +262,7 @@ def main(args: argparse.Namespace) -> int:
         return cmd_show(spool, qid)
     if action == "flush":
         return cmd_flush(spool, qid)
-    if action in ("hold", "release"):
-        _change(spool, qid, _hold(action == "hold"))
-        print("%s: %s" % (qid, "held" if action == "hold" else "released"))
+    if action in ("hold", "release", "delete", "bounce"):
+        print(perform(spool, config, action, qid))
         return 0
-    if action == "delete":
-        if not spool.exists(qid):
-            raise QueueIdError("no message %s in the queue" % qid)
-        with spool.lock(qid, timeout=LOCK_WAIT):
-            spool.remove(qid)
-        spool.touch_trigger()
-        print("%s: deleted" % qid)
-        return 0
-    if action == "bounce":
-        return cmd_bounce(spool, config, qid)
     raise PmasterError("unknown queue action %r" % action)

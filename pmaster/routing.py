@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from pmaster.config import Config, RouteEntry, TargetExpr
 from pmaster.envelope import Recipient, split_address
-from pmaster.errors import Diagnostic, RouteError
+from pmaster.errors import Diagnostic, PmasterError, RouteError
 from pmaster.reply import Reply
 
 MAX_DEPTH = 20
@@ -262,6 +262,20 @@ def _expand_for_display(words: Tuple[str, ...], address: str, extension: str) ->
 # Static checks for `pmaster check`.
 
 LOOPBACK_HOSTS = ("localhost", "ip6-localhost", "ipv6-localhost", "ip6-loopback", "::1")
+
+
+def route_one(router: "Router", address: str, table: Optional[str] = None) -> Tuple[List[Target], Optional[str]]:
+    """``pmaster route`` for one address (the CLI and the web admin's route tester): (targets, None), or
+    ([], the reply) when it has no route. A malformed address raises ``PmasterError``."""
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    if not address or any(c.isspace() for c in address):
+        raise PmasterError("bad address %r" % address)
+    try:
+        return router.resolve(address, table, local_rcpt_to=True), None
+    except RouteError as exc:
+        return [], str(exc.reply)
 
 
 def static_check(config: Config) -> List[Diagnostic]:

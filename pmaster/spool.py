@@ -775,6 +775,19 @@ class Spool:
         return sorted(n[:-len(BODY_SUFFIX)] for n in names
                       if n.endswith(BODY_SUFFIX) and valid_queue_id(n[:-len(BODY_SUFFIX)]))
 
+    def listing(self) -> tuple[list[str], set[str]]:
+        """One look at ``queue/``: (committed ids in arrival order, the ids among them with a saved envelope).
+
+        For an index of the queue (the web admin): only the messages with ``ID.env`` can have changed."""
+        try:
+            names = os.listdir(self._queue_dir)
+        except OSError as exc:
+            raise SpoolError(f"cannot list {self._queue_dir}: {exc}") from exc
+        ids = sorted(n[:-len(BODY_SUFFIX)] for n in names
+                     if n.endswith(BODY_SUFFIX) and valid_queue_id(n[:-len(BODY_SUFFIX)]))
+        saved = {n[:-len(ENV_SUFFIX)] for n in names if n.endswith(ENV_SUFFIX)}
+        return ids, saved
+
     def exists(self, qid: str) -> bool:
         return valid_queue_id(qid) and os.path.exists(self._path(QUEUE, qid, BODY_SUFFIX))
 
