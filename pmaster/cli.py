@@ -105,7 +105,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
-    raise PmasterError("passwd: the web admin ([webadmin]) is not supported yet by this version of pmaster")
+    from pmaster import passwdcmd
+
+    return passwdcmd.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("deliver", help="local delivery into Maildirs (reads the message on stdin)", add_help=False)
 
-    passwd = sub.add_parser("passwd", parents=[common], help="web-admin users (needs [webadmin]: not yet)")
+    passwd = sub.add_parser("passwd", parents=[common],
+                            help="add, replace or delete a user of a password file (reads the password on stdin)")
+    passwd.add_argument("--file", help="password file (default: [webadmin] password-file)")
+    passwd.add_argument("--delete", action="store_true", help="delete the user")
     passwd.add_argument("user")
     passwd.set_defaults(func=cmd_passwd)
     return p
