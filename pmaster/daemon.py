@@ -40,9 +40,10 @@ from pmaster.errors import ConfigError, PmasterError
 from pmaster.mailers import relay
 from pmaster.mailers.dispatch import Mailers
 from pmaster.routing import bounce_recipients
-from pmaster.scheduler import Scheduler
+from pmaster.scheduler import Scheduler, send_bounce
 from pmaster.smtpd import Listener, Runtime, listen_addresses
-from pmaster.spool import Spool
+from pmaster.spool import Spool, maildrop_directory, prepare_maildrop
+from pmaster.submit.pickup import Pickup
 
 log = logging.getLogger("pmaster.daemon")
 
@@ -76,6 +77,7 @@ class Daemon:
         self.pid_file_written: Optional[str] = None  # the path written (a reload may name another one)
         self.runtime: Optional[Runtime] = None
         self.scheduler: Optional[Scheduler] = None
+        self.pickup: Optional[Pickup] = None
         self.metrics = None
         self.metrics_server = None
 
@@ -171,6 +173,7 @@ class Daemon:
         self.runtime.notify = self.scheduler.notify
         self.scheduler.metrics = self.metrics
         self.scheduler.start()
+        self.start_pickup()
         if self.metrics_server is not None:
             self.metrics_server.start()
         for listener in self.listeners:
@@ -180,6 +183,22 @@ class Daemon:
             self.threads.append(t)
         log.info("pmaster started (pid %d): %s", os.getpid(),
                  ", ".join("%s on %s" % (ln.ident, ln.label) for ln in self.listeners) or "no listeners")
+
+    def start_pickup(self) -> None:
+        """Local submission (SPEC 10): ``pmaster sendmail`` drops files that this thread queues."""
+        spool = self.runtime.spool
+        try:
+            prepare_maildrop(spool.directory)
+        except OSError as exc:
+            log.error("local submission disabled: cannot prepare %s: %s", maildrop_directory(spool.directory),
+                      exc.strerror or exc)
+            return
+
+        def bounce(env, failed, config, now):
+            return send_bounce(spool, env, failed, config, bounce_recipients, now)
+
+        self.pickup = Pickup(self.runtime.snapshot, spool, self.scheduler.notify, bounce)
+        self.pickup.start()
 
     # -- signals and the main loop
 
@@ -277,6 +296,8 @@ class Daemon:
             listener.shutdown()
             listener.server_close()
         self.runtime.interrupt_idle_sessions()
+        if self.pickup is not None:
+            self.pickup.stop()
         while self.runtime.active_sessions() and time.monotonic() < deadline:
             time.sleep(0.1)
         if self.runtime.active_sessions():
@@ -454,7 +475,16 @@ def _own_addresses() -> Set[str]:
 
 
 def _chown_tree(path: str, uid: int, gid: int) -> None:
+    maildrop = maildrop_directory(path)
     for root, dirs, files in os.walk(path):
+        if root == maildrop:
+            # A waiting submission keeps its owner (the uid= of its log line) and gets the group we read it by.
+            for name in files:
+                try:
+                    os.chown(os.path.join(root, name), -1, gid)
+                except OSError:
+                    pass
+            files = []
         for name in [root] + [os.path.join(root, d) for d in dirs] + [os.path.join(root, f) for f in files]:
             try:
                 os.chown(name, uid, gid)
