@@ -172,6 +172,7 @@ class Daemon:
         self.scheduler = Scheduler(lambda: self.runtime.config, self.runtime.spool, mailers, bounce_recipients)
         self.runtime.notify = self.scheduler.notify
         self.scheduler.metrics = self.metrics
+        self.scheduler.on_flush = relay.REFUSED.forget
         self.scheduler.start()
         self.start_pickup()
         if self.metrics_server is not None:

@@ -195,6 +195,7 @@ def cmd_bounce(spool: Spool, config: Config, qid: str) -> int:
 
 def cmd_flush(spool: Spool, qid) -> int:
     """Mark pending recipients due now; held messages stay as they are. One bad record does not stop it."""
+    spool.touch_flush()  # before the trigger: the daemon forgets refused hosts, then plans the flushed mail
     if qid:
         env = _change(spool, qid, _flush)
         print("%s: %s" % (qid, "held: not flushed" if env.held else "flushed"))

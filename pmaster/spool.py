@@ -69,6 +69,7 @@ SPOOL_FORMAT = 2  # 1: separate ID.env written at commit, lock files in locks/
 VERSION_FILE = "VERSION"
 TMP, QUEUE, CORRUPT, FREE = "tmp", "queue", "corrupt", "free"
 TRIGGER_FILE = "trigger"
+FLUSH_FILE = "flush"  # touched by `pmaster queue flush`: the daemon forgets which hosts refused (SPEC 9)
 # Local submission (SPEC 10): any local user may create files here but not list or read the directory: sticky
 # (only a file's owner or the daemon may remove or rename it), setgid (files take the spool's group, which the
 # daemon reads them through), mode 3733; the spool directory itself needs search permission for all (0711).
@@ -913,6 +914,22 @@ class Spool:
 
     def trigger_path(self) -> str:
         return os.path.join(self.directory, TRIGGER_FILE)
+
+    def flush_path(self) -> str:
+        return os.path.join(self.directory, FLUSH_FILE)
+
+    def touch_flush(self) -> None:
+        """Tell a running daemon that a flush asks for every flushed recipient to be really tried now."""
+        try:
+            fd = os.open(self.flush_path(), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                stamp = max(time.time_ns(), os.fstat(fd).st_mtime_ns + 1)
+                os.utime(fd, ns=(stamp, stamp))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("cannot touch %s: %s (refused hosts are skipped until their time is up)",
+                        self.flush_path(), exc)
 
     def touch_trigger(self) -> None:
         """Make ``trigger`` newer, so a running daemon rescans the queue (within about a second).
