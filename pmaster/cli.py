@@ -1,10 +1,11 @@
-"""Command-line front: ``pmaster run | check | route | queue | passwd | deliver``.
+"""Command-line front: ``pmaster run | check | route | queue | passwd | deliver | sendmail``.
 
 API: ``main(argv=None) -> int`` (the ``pmaster`` console script).
 Invariants: the one place that prints for users. Every error a user can cause is one line on stderr,
   ``pmaster: ...`` (or the ``FILE:LINE:COL: error: ...`` lines of a bad configuration), and a non-zero exit:
   never a traceback. Exit codes: 0 success, 1 failure the command reports (invalid file, no route, ...),
-  2 usage errors; ``deliver`` follows sysexits.
+  2 usage errors; ``deliver`` and ``sendmail`` follow sysexits. Started under the name ``sendmail`` or ``mailq``
+  (a symlink), pmaster is ``pmaster sendmail`` (``mailq``: ``-bp``).
 """
 
 import argparse
@@ -99,7 +100,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
-    raise PmasterError("passwd: the web admin ([webadmin]) is not supported yet by this version of pmaster")
+    from pmaster import passwdcmd
+
+    return passwdcmd.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,18 +140,35 @@ def build_parser() -> argparse.ArgumentParser:
     queue.set_defaults(func=cmd_queue)
 
     sub.add_parser("deliver", help="local delivery into Maildirs (reads the message on stdin)", add_help=False)
+    sub.add_parser("sendmail", help="sendmail(1)-compatible local submission (as sendmail and mailq too)",
+                   add_help=False)
 
-    passwd = sub.add_parser("passwd", parents=[common], help="web-admin users (needs [webadmin]: not yet)")
+    passwd = sub.add_parser("passwd", parents=[common],
+                            help="add, replace or delete a user of a password file (reads the password on stdin)")
+    passwd.add_argument("--file", help="password file (default: [webadmin] password-file)")
+    passwd.add_argument("--delete", action="store_true", help="delete the user")
     passwd.add_argument("user")
     passwd.set_defaults(func=cmd_passwd)
     return p
+
+
+def cmd_sendmail(argv: List[str], prog: str) -> int:
+    from pmaster.submit import sendmail
+
+    return sendmail.main(argv, prog)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     if not sys.warnoptions:
         # A library's deprecation notice (cryptography on an old Python) is not a line for mail admins.
         warnings.simplefilter("ignore")
+    name = os.path.basename(sys.argv[0]) if argv is None and sys.argv else ""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if name in ("sendmail", "mailq"):
+        # A symlink /usr/sbin/sendmail -> pmaster: cron, PHP and mailx call it with sendmail's options.
+        return cmd_sendmail(argv, name)
+    if argv and argv[0] == "sendmail":
+        return cmd_sendmail(argv[1:], "pmaster sendmail")
     if argv and argv[0] == "deliver":
         return cmd_deliver(argv[1:])
     args = build_parser().parse_args(argv)

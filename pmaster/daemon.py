@@ -44,9 +44,10 @@ from pmaster.errors import ConfigError, PmasterError
 from pmaster.mailers import relay
 from pmaster.mailers.dispatch import Mailers
 from pmaster.routing import bounce_recipients, open_relay_problems
-from pmaster.scheduler import Scheduler
+from pmaster.scheduler import Scheduler, send_bounce
 from pmaster.smtpd import Listener, Runtime, listen_addresses
-from pmaster.spool import Spool
+from pmaster.spool import Spool, maildrop_directory, prepare_maildrop
+from pmaster.submit.pickup import Pickup
 
 log = logging.getLogger("pmaster.daemon")
 
@@ -81,6 +82,7 @@ class Daemon:
         self.pid_file_written: Optional[str] = None  # the path written (a reload may name another one)
         self.runtime: Optional[Runtime] = None
         self.scheduler: Optional[Scheduler] = None
+        self.pickup: Optional[Pickup] = None
         self.metrics = None
         self.metrics_server = None
         self.webadmin = None
@@ -167,7 +169,9 @@ class Daemon:
         self.scheduler = Scheduler(lambda: self.runtime.config, self.runtime.spool, mailers, bounce_recipients)
         self.runtime.notify = self.scheduler.notify
         self.scheduler.metrics = self.metrics
+        self.scheduler.on_flush = relay.REFUSED.forget
         self.scheduler.start()
+        self.start_pickup()
         if self.metrics_server is not None:
             self.metrics_server.start()
         for listener in self.listeners:
@@ -196,6 +200,22 @@ class Daemon:
         self.reload_requested.set()
         done.wait(timeout)
         return box[0]
+
+    def start_pickup(self) -> None:
+        """Local submission (SPEC 10): ``pmaster sendmail`` drops files that this thread queues."""
+        spool = self.runtime.spool
+        try:
+            prepare_maildrop(spool.directory)
+        except OSError as exc:
+            log.error("local submission disabled: cannot prepare %s: %s", maildrop_directory(spool.directory),
+                      exc.strerror or exc)
+            return
+
+        def bounce(env, failed, config, now):
+            return send_bounce(spool, env, failed, config, bounce_recipients, now)
+
+        self.pickup = Pickup(self.runtime.snapshot, spool, self.scheduler.notify, bounce)
+        self.pickup.start()
 
     # -- signals and the main loop
 
@@ -300,6 +320,8 @@ class Daemon:
             listener.shutdown()
             listener.server_close()
         self.runtime.interrupt_idle_sessions()
+        if self.pickup is not None:
+            self.pickup.stop()
         while self.runtime.active_sessions() and time.monotonic() < deadline:
             time.sleep(0.1)
         if self.runtime.active_sessions():

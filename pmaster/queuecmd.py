@@ -229,6 +229,7 @@ def perform(spool: Spool, config: Optional[Config], action: str, qid: str) -> st
 
 def cmd_flush(spool: Spool, qid) -> int:
     """Mark pending recipients due now; held messages stay as they are. One bad record does not stop it."""
+    spool.touch_flush()  # before the trigger: the daemon forgets refused hosts, then plans the flushed mail
     if qid:
         print(perform(spool, None, "flush", qid))
         return 0

@@ -268,6 +268,8 @@ class Scheduler:
         self._last_full = 0.0
         self._last_trigger_check = 0.0
         self._trigger_seen: Optional[Tuple[int, int, int]] = None
+        self._flush_seen: Optional[Tuple[int, int, int]] = None
+        self.on_flush: Callable[[], object] = lambda: None  # the daemon: forget the relay's refused hosts
         self._in_flight = 0
         self._limit = destination_limit(config_source())  # per destination; planning updates it each round
         self.metrics = None  # set by the daemon: has delivery(mailer, sent|deferred|bounced, seconds)
@@ -395,7 +397,20 @@ class Scheduler:
         # Looked at before the scan: a change made after this point touches the trigger again.
         self._trigger_seen = stamp
         self._last_full = self._last_trigger_check = mono
+        self._check_flush()
         return True
+
+    def _check_flush(self) -> None:
+        """SPEC 9: a flush forgets which hosts refused connections, before the flushed mail is planned."""
+        try:
+            st = os.stat(self.spool.flush_path())
+        except OSError:
+            return
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        if stamp != self._flush_seen:
+            self._flush_seen = stamp  # at start too: nothing is remembered then, so forgetting costs nothing
+            log.info("queue flushed: refused hosts are tried again")
+            self.on_flush()
 
     def _scan(self, now: float) -> None:
         """Compare every envelope's stamp with what we know; new and changed messages are planned now."""
@@ -907,6 +922,12 @@ class Scheduler:
             self._fresh[env.queue_id] = (stamp, env)
 
     def _apply(self, env: Envelope, r: Recipient, result: Result, config: Config, now: float) -> None:
+        if result.status == TEMPFAIL and not result.tried and now < env.arrival + config.core.queue_lifetime:
+            # Skipped without an attempt (a host that refused moments ago): no attempt counted, no doubling.
+            r.last_reply = result.reply
+            r.dsn_status = result.enhanced
+            r.next_attempt = min(now + config.core.retry_min, env.arrival + config.core.queue_lifetime)
+            return
         r.attempts += 1
         r.last_attempt = now
         if r.first_attempt is None:

@@ -122,7 +122,8 @@ class Runtime:
                 return R.SHUTTING_DOWN
             if self.per_listener.get(smtpd.ident, 0) >= smtpd.max_connections:
                 return R.TOO_MANY_CONNECTIONS
-            if self.per_ip.get(ip, 0) >= smtpd.max_connections_per_ip:
+            # SPEC 9: trusted clients (cron boxes, smtp-source on loopback) skip the per-IP limit.
+            if self.per_ip.get(ip, 0) >= smtpd.max_connections_per_ip and not self.config.core.is_trusted(ip):
                 return Reply(421, "4.7.0", "Too many connections from %s" % ip)
             self.per_listener[smtpd.ident] = self.per_listener.get(smtpd.ident, 0) + 1
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1

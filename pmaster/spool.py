@@ -69,6 +69,12 @@ SPOOL_FORMAT = 2  # 1: separate ID.env written at commit, lock files in locks/
 VERSION_FILE = "VERSION"
 TMP, QUEUE, CORRUPT, FREE = "tmp", "queue", "corrupt", "free"
 TRIGGER_FILE = "trigger"
+FLUSH_FILE = "flush"  # touched by `pmaster queue flush`: the daemon forgets which hosts refused (SPEC 9)
+# Local submission (SPEC 10): any local user may create files here but not list or read the directory: sticky
+# (only a file's owner or the daemon may remove or rename it), setgid (files take the spool's group, which the
+# daemon reads them through), mode 3733; the spool directory itself needs search permission for all (0711).
+MAILDROP = "maildrop"
+MAILDROP_MODE = 0o3733
 BODY_SUFFIX, ENV_SUFFIX = ".msg", ".env"
 _FOOTER = b"#pmaster-record body=%016d envelope=%010d\n"
 _FOOTER_LEN = len(_FOOTER % (0, 0))
@@ -112,6 +118,42 @@ def _id_random() -> "random.Random":
 
 
 os.register_at_fork(after_in_child=_rng.clear)
+
+
+def maildrop_directory(spool_directory: str) -> str:
+    """Where ``pmaster sendmail`` drops messages for the daemon's pickup."""
+    return os.path.join(os.path.abspath(spool_directory), MAILDROP)
+
+
+def prepare_maildrop(spool_directory: str) -> str:
+    """Create ``maildrop/`` (and the spool directory) if needed and set their modes; returns the path.
+
+    Called by the daemon after it dropped privileges (it owns the spool then) and by ``pmaster sendmail``
+    run by root before the daemon ever started; ``OSError`` when the caller may not.
+    """
+    top = os.path.abspath(spool_directory)
+    path = maildrop_directory(top)
+    os.makedirs(top, mode=0o711, exist_ok=True)
+    mode = os.stat(top).st_mode & 0o7777
+    if mode & 0o011 != 0o011:
+        os.chmod(top, mode | 0o011)  # search, not list: the queue stays unreadable to others
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise OSError(errno.ENOTDIR, "not a directory", path)
+    if st.st_gid != os.stat(top).st_gid and os.geteuid() == 0:
+        os.chown(path, -1, os.stat(top).st_gid)
+    if st.st_mode & 0o7777 != MAILDROP_MODE:
+        os.chmod(path, MAILDROP_MODE)
+    return path
+
+
+def maildrop_corrupt_path(spool_directory: str, name: str) -> str:
+    """Where a maildrop file that cannot be read goes: ``corrupt/maildrop.NAME``."""
+    return os.path.join(os.path.abspath(spool_directory), CORRUPT, "maildrop." + name)
 
 
 def valid_queue_id(qid: str) -> bool:
@@ -885,6 +927,22 @@ class Spool:
 
     def trigger_path(self) -> str:
         return os.path.join(self.directory, TRIGGER_FILE)
+
+    def flush_path(self) -> str:
+        return os.path.join(self.directory, FLUSH_FILE)
+
+    def touch_flush(self) -> None:
+        """Tell a running daemon that a flush asks for every flushed recipient to be really tried now."""
+        try:
+            fd = os.open(self.flush_path(), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                stamp = max(time.time_ns(), os.fstat(fd).st_mtime_ns + 1)
+                os.utime(fd, ns=(stamp, stamp))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("cannot touch %s: %s (refused hosts are skipped until their time is up)",
+                        self.flush_path(), exc)
 
     def touch_trigger(self) -> None:
         """Make ``trigger`` newer, so a running daemon rescans the queue (within about a second).

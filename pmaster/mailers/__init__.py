@@ -24,6 +24,7 @@ class Result:
     status: str
     reply: str  # one line for the log and the DSN: "550 5.1.1 no such user", "exit 67: unknown user"
     dsn_status: str = ""  # RFC 3463 code: "5.1.1"; empty means derive from status
+    tried: bool = True  # False: deferred without any attempt (a host skipped as refused): no backoff step
 
     @property
     def enhanced(self) -> str:

@@ -43,6 +43,7 @@ Errors: never raises for a delivery problem (SPEC: mailers return TEMPFAIL with 
 
 import atexit
 import base64
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -128,6 +129,10 @@ class RefusedHosts:
     def clear(self) -> None:
         with self._lock:
             self._until.clear()
+
+    def forget(self) -> None:
+        """``pmaster queue flush``: every flushed recipient is really attempted at once (SPEC 9)."""
+        self.clear()
 
 
 REFUSED = RefusedHosts()
@@ -423,9 +428,11 @@ class _Failure:
     text: str
     dsn: str = ""
     permanent: bool = False
+    untried: bool = False  # only skipped hosts: no connection was attempted
 
     def result(self) -> Result:
-        return _result(PERMFAIL if self.permanent else TEMPFAIL, self.text, self.dsn)
+        result = _result(PERMFAIL if self.permanent else TEMPFAIL, self.text, self.dsn)
+        return dataclasses.replace(result, tried=False) if self.untried else result
 
 
 class _Final(Exception):
@@ -624,6 +631,7 @@ class _Job:
 
     def run(self, targets: Iterator[object], rcpts: List[Recipient]) -> List[Result]:
         last = _Failure("no host to deliver to", "4.4.4")
+        tried_any = False
         self.connections = 0
         try:
             for item in targets:  # finite: a few hosts times a few addresses
@@ -639,10 +647,11 @@ class _Job:
                     return [_result(TEMPFAIL, "mail for %s loops back to myself" % item, "4.4.6")] * len(rcpts)
                 if REFUSED.skipped(item.ip, item.port):
                     last = _Failure("%s refused a connection less than %d s ago; not tried"
-                                    % (item, REFUSED.ttl), "4.4.1")
+                                    % (item, REFUSED.ttl), "4.4.1", untried=not tried_any)
                     continue
                 if self.connections >= MAX_CONNECTIONS:
                     break
+                tried_any = True
                 outcome = self.attempt(item, rcpts)
                 if isinstance(outcome, list):
                     return outcome
