@@ -522,7 +522,10 @@ def test_max_connections_answers_421_4_7_0(tmp_path):
 
 
 def test_max_connections_per_ip_answers_421_4_7_0(tmp_path):
-    with serve(tmp_path, smtpd="  max-connections-per-ip = 1") as srv:
+    # 127.0.0.1 is a trusted network by default, and trusted clients skip the per-IP limit (SPEC 2).
+    untrusted = CONFIG.replace("  min-free-space = {min_free}\n",
+                               "  min-free-space = {min_free}\n  trusted-networks = 192.0.2.0/24\n")
+    with serve(tmp_path, smtpd="  max-connections-per-ip = 1", config=untrusted) as srv:
         with srv.client() as a:
             with srv.client(greeting=False) as b:
                 reply = b.reply()
