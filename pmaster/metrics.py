@@ -27,7 +27,9 @@ from pmaster.spool import Spool
 
 log = logging.getLogger("pmaster.metrics")
 
-REJECTION_REASONS = ("no_route", "routing_error", "size", "bare_newline", "loop", "limit", "policy", "other")
+REJECTION_REASONS = ("no_route", "routing_error", "size", "bare_newline", "loop", "limit", "policy", "other",
+                     "spf", "dnsbl", "verify")
+SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
 DELIVERY_RESULTS = ("sent", "deferred", "bounced")
 
 
@@ -91,6 +93,12 @@ class Metrics:
         self.delivery_seconds = Histogram("pmaster_delivery_duration_seconds", "Duration of delivery attempts",
                                           ["mailer"], registry=r,
                                           buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+        # Anti-spam (SPEC 6). The zone label takes only the values of [smtpd] dnsbl lines: a set the
+        # administrator writes down, a few entries long, never anything a client sends.
+        self.spf_results = Counter("pmaster_spf_results", "SPF evaluations at MAIL FROM by result",
+                                   ["listener", "result"], registry=r)
+        self.dnsbl_hits = Counter("pmaster_dnsbl_hits", "Clients found listed in a DNS blocklist, by zone",
+                                  ["listener", "zone"], registry=r)
         r.register(_ScrapeCollector(sessions, spool))
 
     def count(self, what: str, listener: str, *labels: str) -> None:
@@ -105,6 +113,12 @@ class Metrics:
             self.rejections.labels(listener, reason).inc()
         elif what == "tls":
             self.tls_sessions.labels(listener).inc()
+
+    def spf_result(self, listener: str, result: str) -> None:
+        self.spf_results.labels(listener, result if result in SPF_RESULTS else "permerror").inc()
+
+    def dnsbl_hit(self, listener: str, zone: str) -> None:
+        self.dnsbl_hits.labels(listener, zone).inc()
 
     def delivery(self, mailer: str, result: str, seconds: float) -> None:
         mailer = mailer if mailer in ("pipe", "relay") else "other"
