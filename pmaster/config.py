@@ -218,10 +218,11 @@ class _Key:
 
 
 class _Ctx:
-    def __init__(self, loader: "_Loader", stmt: cf.Statement, basedir: str):
+    def __init__(self, loader: "_Loader", stmt: cf.Statement, basedir: str, file: str = ""):
         self.loader = loader
         self.stmt = stmt
         self.basedir = basedir
+        self.file = file  # the file the statement is in (for diagnostics a converter adds itself)
 
     def fail(self, value: cf.Value, message: str) -> None:
         raise _ValueError(value, message)
@@ -407,7 +408,18 @@ def _dnsbl_zones(ctx, values) -> Tuple[str, ...]:
 
 
 def _policy(ctx, values) -> Tuple[str, ...]:
-    return _words(ctx, values)
+    """``module:function`` references; one that cannot be imported is a machine problem (SPEC 6)."""
+    from pmaster.policy.callables import import_problem, parse_reference
+
+    words = _words(ctx, values)
+    for v, text in zip(values, words):
+        if parse_reference(text) is None:
+            ctx.fail(v, "expected module:function, got %r" % text)
+    for v, text in zip(values, words):
+        problem = import_problem(text, ctx.basedir)
+        if problem is not None:
+            ctx.loader.machine_problem(Position(ctx.file, v.line, v.col), "policy %s: %s" % (text, problem))
+    return words
 
 
 SCHEMA = {
@@ -428,7 +440,7 @@ SCHEMA = {
         "max-recipients": _Key(_int_min(1)), "max-connections": _Key(_int_min(1)),
         "max-connections-per-ip": _Key(_int_min(1)), "timeout": _Key(_duration),
         "spf": _Key(_enum("off", "tag", "reject")), "dnsbl": _Key(_dnsbl_zones, repeat=True),
-        "policy": _Key(_policy, repeat=True, supported=False),
+        "policy": _Key(_policy, repeat=True),
         "policy-service": _Key(_str, supported=False),
         "proxy-protocol": _Key(_bool, supported=False, default=False),
         "bare-newline": _Key(_enum("normalize", "reject")),
@@ -608,7 +620,7 @@ class _Loader:
             hint = "; did you mean '%s'?" % close[0] if close else ""
             self.error(pos, "unknown key '%s' in [%s]%s" % (name, sec.kind, hint))
             return
-        ctx = _Ctx(self, st, basedir)
+        ctx = _Ctx(self, st, basedir, file)
         try:
             value = spec.conv(ctx, st.values)
         except _ValueError as exc:

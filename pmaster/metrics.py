@@ -28,7 +28,8 @@ from pmaster.spool import Spool
 log = logging.getLogger("pmaster.metrics")
 
 REJECTION_REASONS = ("no_route", "routing_error", "size", "bare_newline", "loop", "limit", "policy", "other",
-                     "spf", "dnsbl", "verify")
+                     # SPEC 6's set besides the reasons above (no_route and routing_error are its "route")
+                     "syntax", "route", "auth", "policy_service", "spf", "dnsbl", "verify")
 SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
 DELIVERY_RESULTS = ("sent", "deferred", "bounced")
 

@@ -59,6 +59,8 @@ NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
 UNKNOWN_COMMAND = Reply(500, "5.5.2", "Syntax error, command unrecognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+# After a 5xx greeting only QUIT is answered otherwise (RFC 5321 3.1).
+REFUSED_AT_GREETING = Reply(503, "5.5.1", "Bad sequence of commands: the connection was refused; send QUIT")
 NEED_MAIL = Reply(503, "5.5.1", "Need MAIL before RCPT")
 NEED_RCPT = Reply(503, "5.5.1", "Need RCPT before DATA")
 NEED_HELO = Reply(503, "5.5.1", "Send HELO/EHLO first")

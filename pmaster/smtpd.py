@@ -25,6 +25,8 @@ Errors: ``listen_addresses`` and ``Listener`` raise ``PmasterError`` with one li
   address (unknown service, unresolvable host, port in use); the CLI prints it and exits non-zero.
 """
 
+import email.parser
+import email.policy
 import email.utils
 import errno
 import logging
@@ -53,6 +55,7 @@ from pmaster.envelope import Envelope, Recipient, split_address
 from pmaster.errors import PmasterError, RouteError, SmtpError, SpoolError
 from pmaster.grammar.smtp import Command, SmtpSyntaxError, parse_command
 from pmaster.policy import authres
+from pmaster.policy.chain import Chain, Outcome, Resources, build_chains
 from pmaster.reply import Reply
 from pmaster.routing import Router, Target
 from pmaster.spool import Spool
@@ -81,6 +84,9 @@ class Runtime:
         self.per_listener: Dict[str, int] = {}
         self.accepting = True
         self.metrics = None  # set by the daemon: pmaster.metrics module or None
+        # Policy chains per listener; resources (service connections, exec: programs) outlive reloads.
+        self.resources = Resources(metrics=lambda: self.metrics)
+        self._chains: Dict[str, Chain] = build_chains(config, self.resources)
 
     @property
     def config(self) -> Config:
@@ -93,9 +99,14 @@ class Runtime:
         """Swap config and router atomically and rebuild TLS contexts; raises PmasterError on a bad cert."""
         contexts = build_tls_contexts(config)
         router = Router(config)
+        chains = build_chains(config, self.resources)
         with self._lock:
             self._snapshot = (config, router)
             self._tls = contexts
+            self._chains = chains
+
+    def chain(self, ident: str) -> Chain:
+        return self._chains.get(ident) or _NO_CHECKS
 
     def load_tls(self) -> None:
         self._tls = build_tls_contexts(self.config)
@@ -139,6 +150,9 @@ class Runtime:
     def active_sessions(self) -> int:
         with self._lock:
             return len(self.sessions)
+
+
+_NO_CHECKS = Chain({})
 
 
 def build_tls_contexts(config: Config) -> Dict[str, object]:
@@ -362,13 +376,29 @@ class _Transaction:
         self.body_type = "7BIT"
         self.size_hint = 0
         self.recipients: List[Tuple[str, List[Target]]] = []  # (address as given, final targets)
+        self.outcome = Outcome()  # what the policy chain decided besides refusing (prepend, hold, discard)
+        self.recipient: Optional[str] = None  # the RCPT being checked
+        self.queue_id: Optional[str] = None  # at data
+        self.size: Optional[int] = None  # at data: octets received
+        self.headers = None  # at data: email.message.Message of the header block
+        self.instance = uuid.uuid4().hex[:16]  # Postfix's policy "instance": one per transaction
 
 
 class SessionView:
-    """Read-only view of a session for policy callables (SPEC 9)."""
+    """Read-only view of a session for policy callables and checks (SPEC 9).
+
+    ``size`` is the MAIL SIZE= value until the end of DATA, then the octets received; ``queue_id`` and
+    ``headers`` (an ``email.message.Message`` of the header block) are set at ``data``; ``recipient`` at
+    ``rcpt``. Besides SPEC 9: ``esmtp``, ``instance`` (one id per transaction) and ``hostname``.
+    """
+
+    __slots__ = ("_s",)
 
     def __init__(self, session: "Session"):
-        self._s = session
+        object.__setattr__(self, "_s", session)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("the session view is read-only")
 
     listener = property(lambda self: self._s.ident)
     client_address = property(lambda self: self._s.client_address)
@@ -378,6 +408,13 @@ class SessionView:
     tls = property(lambda self: self._s.channel.tls if self._s.channel else None)
     mail_from = property(lambda self: self._s.tx.mail_from)
     recipients = property(lambda self: tuple(a for a, _ in self._s.tx.recipients))
+    recipient = property(lambda self: self._s.tx.recipient)
+    size = property(lambda self: self._s.tx.size if self._s.tx.size is not None else self._s.tx.size_hint)
+    queue_id = property(lambda self: self._s.tx.queue_id)
+    headers = property(lambda self: self._s.tx.headers)
+    esmtp = property(lambda self: self._s.esmtp)
+    instance = property(lambda self: self._s.tx.instance)
+    hostname = property(lambda self: self._s.runtime.config.core.hostname)
 
 
 class Session:
@@ -402,6 +439,9 @@ class Session:
         self.log = logsetup.EventLog("pmaster.smtpd.%s" % ident)
         self.in_data = False
         self.interrupted = False
+        self.refused_greeting = False  # a 5xx greeting: only QUIT is answered (RFC 5321 3.1)
+        self._data_reason = "other"
+        self.view = SessionView(self)
 
     @property
     def smtpd(self) -> SmtpdConfig:
@@ -416,13 +456,13 @@ class Session:
         refused = self.runtime.register(self, smtpd)
         try:
             if refused is not None:
-                self.log.info("connect from [%s]: refused: %s", self.client_address, refused.text)
-                self._count("rejection", "limit")
+                self._refused("CONNECT", refused, "limit")
                 self._send(refused)
                 return
             self.log.info("connect from [%s]:%s", self.client_address, self.client_port)
             self._count("connection")
-            self._send(Reply(220, None, "%s ESMTP Postmaster" % smtpd.name))
+            if not self._greeting(smtpd):
+                return
             self._loop()
         except ChannelTimeout:
             self._send_quietly(R.TIMEOUT)
@@ -434,9 +474,52 @@ class Session:
             self.log.exception("session with [%s] failed", self.client_address)
             self._send_quietly(R.LOCAL_ERROR)
         finally:
+            self.tx.outcome.close()
             self.runtime.unregister(self, smtpd)
             self.log.info("disconnect from [%s]", self.client_address)
             self.channel.close()
+
+    def _greeting(self, smtpd: SmtpdConfig) -> bool:
+        """Send the greeting, or the connect stage's reply instead; False when the session ends here.
+
+        A 4xx is sent as 421 and the connection closed; a 5xx is sent as 554 and then only QUIT is
+        answered (RFC 5321 3.1), every other command gets 503 until QUIT or too many errors.
+        """
+        reply = self._policy("connect", "CONNECT")
+        if reply is None or reply.code < 400:
+            self._send(Reply(220, None, reply.text if reply else "%s ESMTP Postmaster" % smtpd.name))
+            return True
+        if reply.code < 500:
+            self._send(Reply(421, reply.enhanced or "4.7.0", reply.text))
+            return False
+        self._send(Reply(554, reply.enhanced, reply.text))
+        self.refused_greeting = True
+        return True
+
+    def _new_tx(self) -> None:
+        """Start a fresh transaction; the old one's close hooks run."""
+        self.tx.outcome.close()
+        self.tx = _Transaction()
+
+    def _policy(self, stage: str, verb: str) -> Optional[Reply]:
+        """Ask this listener's chain about ``stage``; a refusal is logged and counted here."""
+        chain = self.runtime.chain(self.ident)
+        if stage not in chain.stages:
+            return None
+        verdict = chain.evaluate(stage, self.view, self.tx.outcome)
+        if verdict.reply is not None and verdict.reply.code >= 400:
+            self._refused(verb, verdict.reply, verdict.reason)
+        return verdict.reply
+
+    def _refused(self, verb: str, reply: Reply, reason: str) -> None:
+        """SPEC 6: one line per refusal, and pmaster_smtpd_rejections_total{listener,reason}."""
+        tx = self.tx
+        qid = tx.queue_id
+        to = tx.recipient or (tx.recipients[0][0] if tx.recipients else "")  # Postfix names the first at DATA
+        self.log.info("%sreject: %s from [%s]: %s; from=<%s> to=<%s> helo=<%s>", qid + ": " if qid else "",
+                      verb, self.client_address, reply, tx.mail_from if tx.mail_from is not None else "",
+                      to, self.helo or "")
+        self._count("rejection", reason)
 
     def interrupt_if_idle(self) -> None:
         """Wake a session blocked waiting for a command (called from the shutdown thread).
@@ -466,6 +549,8 @@ class Session:
 
     def _dispatch(self, raw: bytes) -> Reply:
         text = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        if self.refused_greeting and text.split(" ", 1)[0].upper() != "QUIT":
+            return R.REFUSED_AT_GREETING
         if text.split(" ", 1)[0].upper() in NOT_IMPLEMENTED_VERBS:
             return R.NOT_IMPLEMENTED  # "EXPN" without an argument too: 502 says more than a syntax error
         try:
@@ -519,8 +604,12 @@ class Session:
     def _greet(self, cmd: Command, esmtp: bool) -> Reply:
         self.helo = cmd.domain
         self.esmtp = esmtp
-        self.tx = _Transaction()
+        self._new_tx()
         smtpd = self.smtpd
+        refused = self._policy("helo", "EHLO" if esmtp else "HELO")
+        if refused is not None and refused.code >= 400:
+            self.helo = None
+            return refused
         if not esmtp:
             return Reply(250, None, smtpd.name)
         lines = [smtpd.name, "PIPELINING", "SIZE %d" % smtpd.max_message_size, "8BITMIME", "ENHANCEDSTATUSCODES"]
@@ -545,11 +634,14 @@ class Session:
             sender = "%s@%s" % (sender, config.core.hostname)
         if self._free_space() < config.core.min_free_space + size:
             raise SmtpError(R.LOW_DISK)
-        self.tx = _Transaction()
+        self._new_tx()
         self.tx.mail_from = sender
         self.tx.body_type = body_type
         self.tx.size_hint = size
-        return R.SENDER_OK
+        verdict = self._policy("mail", "MAIL")
+        if verdict is not None and verdict.code >= 400:
+            self._new_tx()
+        return verdict or R.SENDER_OK
 
     def _mail_params(self, params: Dict[str, Optional[str]], smtpd: SmtpdConfig) -> Tuple[str, int]:
         body_type, size = "7BIT", 0
@@ -593,9 +685,9 @@ class Session:
         try:
             targets = router.resolve(address, smtpd.routing_table, local_rcpt_to=smtpd.local_rcpt_to)
         except RouteError as exc:
-            self.log.info("reject RCPT from [%s]: %s; from=<%s> to=<%s>", self.client_address, exc.reply,
-                          self.tx.mail_from, address)
-            self._count("rejection", "no_route" if exc.reply.code == 550 else "routing_error")
+            self.tx.recipient = address
+            self._refused("RCPT", exc.reply, "no_route" if exc.reply.code == 550 else "routing_error")
+            self.tx.recipient = None
             raise SmtpError(exc.reply)
         if any(t.extension.startswith("-") for t in targets):
             # The extension reaches ${EXTENSION} as a word of its own: "-x" would be an option there.
@@ -603,8 +695,15 @@ class Session:
                                   % address))
         if not domain:
             address = "%s@%s" % (address, config.core.hostname)
+        self.tx.recipient = address
+        try:
+            verdict = self._policy("rcpt", "RCPT")
+        finally:
+            self.tx.recipient = None
+        if verdict is not None and verdict.code >= 400:
+            return verdict
         self.tx.recipients.append((address, targets))
-        return R.RCPT_OK
+        return verdict or R.RCPT_OK
 
     def do_data(self, cmd: Command) -> Reply:
         if self.tx.mail_from is None:
@@ -617,7 +716,7 @@ class Session:
             writer = self.runtime.spool.writer()
         except SpoolError as exc:
             self.log.error("cannot store message from [%s]: %s", self.client_address, exc)
-            self.tx = _Transaction()
+            self._new_tx()
             return R.STORAGE_FAILED
         self.in_data = True
         try:
@@ -628,7 +727,7 @@ class Session:
             raise
         finally:
             self.in_data = False
-            self.tx = _Transaction()
+            self._new_tx()
 
     def _receive(self, writer) -> Reply:
         config = self.runtime.config
@@ -637,21 +736,42 @@ class Session:
         # A failing write must not stop the reading: the body has to be read to its final dot whatever
         # happens, or its lines would be taken for commands (SPEC 4: 452 4.3.1 and nothing left behind).
         sink = _SafeSink(writer.write)
-        sink.write(self._received_header(qid, smtpd).encode("utf-8", "replace"))
+        # Postfix puts PREPEND headers above its own Received: header.
+        prepend = "".join(h + "\r\n" for h in self.tx.outcome.prepend)
+        sink.write((prepend + self._received_header(qid, smtpd)).encode("utf-8", "replace"))
         fixer = _HeaderFixer(sink.write, qid, config.core.hostname, smtpd.local_rcpt_to,
                              authserv_id=config.core.hostname)
-        result = self.channel.read_data(fixer.write, smtpd.max_message_size, smtpd.bare_newline)
+        checked = "data" in self.runtime.chain(self.ident).stages
+        grab = _HeaderGrab(fixer.write) if checked else None
+        result = self.channel.read_data(grab.write if grab else fixer.write, smtpd.max_message_size,
+                                        smtpd.bare_newline)
         fixer.close()
+        self.tx.queue_id = qid
         problem = self._data_problem(result, smtpd)
         if problem is not None:
             writer.abort()
-            self.log.info("%s: reject from [%s]: %s", qid, self.client_address, problem)
+            self._refused("END-OF-MESSAGE", problem, self._data_reason)
             return problem
         error = sink.error or result.sink_error
         try:
             if error is not None:
                 raise SpoolError(str(error))
+            if grab is not None:
+                refused = self._data_policy(grab, writer.size)
+                if refused is not None:
+                    writer.abort()
+                    return refused
+            outcome = self.tx.outcome
+            if outcome.discard is not None:
+                writer.abort()
+                self.log.info("%s: discard: END-OF-MESSAGE from [%s]: %s; from=<%s> nrcpt=%d", qid,
+                              self.client_address, outcome.discard, self.tx.mail_from, len(self.tx.recipients))
+                return Reply(250, "2.0.0", "Ok: queued as %s" % qid)
             env = self._envelope(qid, writer.size, smtpd)
+            if outcome.hold is not None:
+                env.held = True
+                self.log.info("%s: hold: END-OF-MESSAGE from [%s]: %s; from=<%s>", qid, self.client_address,
+                              outcome.hold, self.tx.mail_from)
             writer.commit(env)
         except SpoolError as exc:
             writer.abort()
@@ -665,16 +785,24 @@ class Session:
         return Reply(250, "2.0.0", "Ok: queued as %s" % qid)
 
     def _data_problem(self, result, smtpd: SmtpdConfig) -> Optional[Reply]:
+        """The refusal of the end of DATA, if any; its metrics reason is left in ``_data_reason``."""
         if result.too_big:
-            self._count("rejection", "size")
+            self._data_reason = "size"
             return R.MESSAGE_TOO_BIG
         if result.bare_newline_seen and smtpd.bare_newline == "reject":
-            self._count("rejection", "bare_newline")
+            self._data_reason = "bare_newline"
             return R.BARE_NEWLINE
         if result.received_headers > MAX_RECEIVED:
-            self._count("rejection", "loop")
+            self._data_reason = "loop"
             return R.MAIL_LOOP
         return None
+
+    def _data_policy(self, grab: "_HeaderGrab", size: int) -> Optional[Reply]:
+        """The data stage (SPEC 9: after the final dot, before the reply); a 2xx reply is ignored."""
+        self.tx.size = size
+        self.tx.headers = grab.message()
+        reply = self._policy("data", "END-OF-MESSAGE")
+        return reply if reply is not None and reply.code >= 400 else None
 
     def _received_header(self, qid: str, smtpd: SmtpdConfig) -> str:
         tls = self.channel.tls
@@ -704,7 +832,7 @@ class Session:
                         body_type=self.tx.body_type)
 
     def do_rset(self, cmd: Command) -> Reply:
-        self.tx = _Transaction()
+        self._new_tx()
         return R.RESET_OK
 
     def do_noop(self, cmd: Command) -> Reply:
@@ -727,7 +855,7 @@ class Session:
         self.channel.start_tls(context)  # drops plaintext that came behind STARTTLS
         self.helo = None
         self.esmtp = False
-        self.tx = _Transaction()
+        self._new_tx()
         self._count("tls")
         self.log.info("STARTTLS from [%s]: %s", self.client_address, self.channel.tls)
         return None
@@ -825,6 +953,27 @@ class _HeaderFixer:
         kept = authres.strip_ours(head, self.authserv_id or "")
         self.buf[:cut] = kept
         return header_end - (len(head) - len(kept))
+
+
+class _HeaderGrab:
+    """Passes the body through and keeps a copy of its header block (up to HEADER_SNIFF_LIMIT octets)."""
+
+    def __init__(self, write: Callable[[bytes], object]):
+        self.out = write
+        self.buf = bytearray()
+        self.done = False
+
+    def write(self, data: bytes) -> None:
+        if not self.done:
+            self.buf += data
+            end = 0 if self.buf.startswith(b"\r\n") else self.buf.find(b"\r\n\r\n")
+            if end >= 0 or len(self.buf) > HEADER_SNIFF_LIMIT:
+                del self.buf[end if end >= 0 else HEADER_SNIFF_LIMIT:]
+                self.done = True
+        self.out(data)
+
+    def message(self):
+        return email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(bytes(self.buf) + b"\r\n")
 
 
 def _has_header(head: bytes, name: bytes) -> bool:

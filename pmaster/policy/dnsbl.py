@@ -10,6 +10,9 @@ API:
   ``DnsblCheck(zones, is_trusted, cache, dns_server=None, lifetime=10.0, metrics=lambda: None)``: a chain
      ``Check`` for the ``rcpt`` stage; the first zone that lists the client refuses with
      ``554 5.7.1 Service unavailable; client [IP] blocked using ZONE`` and ``; TEXT`` when the zone has a TXT.
+  ``checks(smtpd, config, resources) -> [DnsblCheck]``: the chain factory (``FACTORIES["dnsbl"]``); the cache
+     is one per daemon (kept in ``resources``, so it survives reloads). The look-ups of one client take at most
+     10 s in all (at most half the listener's ``timeout``), shared by the zones, at least 1 s each.
 Invariants: listed means an A record in 127.0.0.0/8 outside 127.255.255.0/24 (RFC 5782 2.1; the 127.255.255/24
   answers are the lists' error codes, such as Spamhaus's "query refused"); any other answer is not listed and is
   logged. Clients in ``[core] trusted-networks`` are never looked up. A failed look-up (timeout, SERVFAIL) counts
@@ -26,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import dns.exception
 import dns.name
@@ -34,7 +37,7 @@ import dns.rdatatype
 import dns.resolver
 
 from pmaster.policy.authres import header_safe
-from pmaster.policy.chain import Check
+from pmaster.policy.chain import Check, Resources
 from pmaster.policy.spf import make_resolver
 from pmaster.reply import Reply
 
@@ -219,3 +222,12 @@ class DnsblCheck(Check):
             return None
         self.cache.put(zone, ip, listing)
         return listing
+
+
+def checks(smtpd, config, resources: Resources) -> List[Check]:
+    if not smtpd.dnsbl:
+        return []
+    cache = resources.get("dnsbl-cache", DnsblCache)
+    lifetime = max(1.0, min(10.0, smtpd.timeout / 2.0) / len(smtpd.dnsbl))
+    return [DnsblCheck(smtpd.dnsbl, config.core.is_trusted, cache, config.core.dns_server, lifetime,
+                       resources.metrics)]

@@ -8,6 +8,8 @@ API:
   ``SpfCheck.evaluate(ip, sender, helo) -> SpfResult``: the result and both header lines, without a session.
   ``lookup_timeout(smtpd) -> float``: the time one evaluation may take (20 s, RFC 7208 4.6.4, at most half the
      listener's command ``timeout`` so the client still hears our answer).
+  ``checks(smtpd, config, resources) -> [SpfCheck]``: the chain factory (``FACTORIES["spf"]``); none when
+     ``spf = off``.
 Invariants: the identity is MAIL FROM; for the null sender it is ``postmaster@HELO`` (RFC 7208 2.4), and a
   HELO that is not a domain name gives ``none``. Loopback clients are checked like any other (SPEC 9).
   Every look-up of an evaluation goes to the configured server (the system resolver when there is none),
@@ -32,7 +34,7 @@ import dns.resolver
 import spf as pyspf
 
 from pmaster.policy.authres import fold, header_safe
-from pmaster.policy.chain import Check
+from pmaster.policy.chain import Check, Resources
 from pmaster.reply import Reply
 
 log = logging.getLogger("pmaster.policy.spf")
@@ -93,6 +95,13 @@ def make_resolver(server: Optional[Tuple[str, int]]) -> dns.resolver.Resolver:
 
 def lookup_timeout(smtpd) -> float:
     return max(1.0, min(MAX_LIFETIME, smtpd.timeout / 2.0))
+
+
+def checks(smtpd, config, resources: Resources) -> List[Check]:
+    if smtpd.spf == "off":
+        return []
+    return [SpfCheck(smtpd.spf, config.core.hostname, config.core.dns_server, lookup_timeout(smtpd),
+                     resources.metrics)]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,10 @@ API:
      final target of the recipient (``resolve(address) -> [Target]``) whose ``[relay]`` has
      ``verify-recipients = yes``: a refusal (5xx) answers ``550 5.1.1`` with the relay's text; a 4xx, no answer or
      no reachable host answers ``450 4.1.1``.
+  ``checks(smtpd, config, resources) -> [VerifyCheck]``: the chain factory (``FACTORIES["verify"]``); none
+     when no ``[relay]`` has ``verify-recipients = yes``. Targets come from the listener's routing table; the
+     cache is one per daemon (in ``resources``); a probe step may take 30 s, at most half the listener's
+     ``timeout``; the HELO name is the relay's ``helo-name``, else ``[core] hostname``.
 Invariants: one probe session per relay per transaction, opened at the first RCPT that needs it and closed
   (QUIT) when the transaction ends (``Outcome.on_close``); a session that failed is not opened again in the same
   transaction (its later RCPTs answer 450 at once). Only definite answers are cached (2xx, 5xx), never a 4xx or
@@ -32,8 +36,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from pmaster.config import RelayConfig, split_hostport
 from pmaster.policy.authres import header_safe
-from pmaster.policy.chain import Check
+from pmaster.policy.chain import Check, Resources
 from pmaster.reply import Reply
+from pmaster.routing import Router
 
 log = logging.getLogger("pmaster.policy.verify")
 
@@ -322,3 +327,16 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, socket.timeout):
         return "timed out"
     return header_safe(str(exc) or type(exc).__name__, 200)
+
+
+def checks(smtpd, config, resources: Resources) -> List[Check]:
+    if not any(r.verify_recipients for r in config.relays.values()):
+        return []
+    router = Router(config)
+
+    def resolve(address: str) -> list:
+        return router.resolve(address, smtpd.routing_table, local_rcpt_to=smtpd.local_rcpt_to)
+
+    cache = resources.get("verify-cache", VerifyCache)
+    timeout = max(1.0, min(30.0, smtpd.timeout / 2.0))
+    return [VerifyCheck(config.relays, resolve, cache, config.core.hostname, timeout)]

@@ -535,3 +535,10 @@ def test_trusted_networks_take_addresses_and_cidr_networks(tmp_path):
 
 def test_trusted_networks_refuse_a_word_that_is_no_network(tmp_path):
     assert [(e.line, e.col) for e in errors(tmp_path, "[core]\ntrusted-networks = 10.0.0.0/8 bogus\n")] == [(2, 31)]
+
+
+def test_spf_reject_dnsbl_zones_and_verify_recipients_are_accepted(tmp_path):
+    c = cfg(tmp_path, "[smtpd localhost]\nspf = reject\ndnsbl = a.example. B.example\ndnsbl c.example\n"
+                      "[relay inside]\nverify-recipients = yes\n")
+    assert (c.smtpd["localhost"].spf, c.smtpd["localhost"].dnsbl, c.relays["inside"].verify_recipients) == \
+        ("reject", ("a.example", "b.example", "c.example"), True)
