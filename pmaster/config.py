@@ -15,6 +15,8 @@ import ipaddress
 import os
 import pwd
 import re
+import shlex
+import shutil
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -118,6 +120,7 @@ class SmtpdConfig:
     spf: str = "off"
     policies: Tuple[str, ...] = ()
     policy_service: Optional[str] = None
+    policy_service_timeout: int = 100  # Postfix's smtpd_policy_service_timeout
     proxy_protocol: bool = False
     bare_newline: str = "normalize"
     dnsbl: Tuple[str, ...] = ()  # DNS blocklist zones, in order (SPEC 6)
@@ -422,6 +425,25 @@ def _policy(ctx, values) -> Tuple[str, ...]:
     return words
 
 
+def _policy_service(ctx, values) -> str:
+    """``inet:HOST:PORT``, ``unix:/PATH`` or ``exec:COMMAND ARGS...`` (SPEC 6), kept as one string."""
+    from pmaster.policy.service import parse_endpoint
+
+    words = _words(ctx, values)
+    is_exec = bool(words) and words[0].startswith("exec:")
+    text = "exec:" + " ".join(shlex.quote(w) for w in [words[0][5:]] + list(words[1:])) if is_exec else " ".join(words)
+    if len(words) > 1 and not is_exec:
+        ctx.fail(values[1], "'policy-service' takes one value unless it is exec:COMMAND ARGS...")
+    try:
+        kind, target = parse_endpoint(text)
+    except ValueError as exc:
+        ctx.fail(values[0], str(exc))
+    if kind == "exec" and not (shutil.which(target[0]) and os.access(shutil.which(target[0]), os.X_OK)):
+        ctx.loader.machine_problem(Position(ctx.file, values[0].line, values[0].col),
+                                   "policy-service: no such program: %s" % target[0])
+    return text
+
+
 SCHEMA = {
     "core": {
         "logger": _Key(_ident), "user-id": _Key(_str), "group-id": _Key(_str), "pid-file": _Key(_path),
@@ -441,7 +463,7 @@ SCHEMA = {
         "max-connections-per-ip": _Key(_int_min(1)), "timeout": _Key(_duration),
         "spf": _Key(_enum("off", "tag", "reject")), "dnsbl": _Key(_dnsbl_zones, repeat=True),
         "policy": _Key(_policy, repeat=True),
-        "policy-service": _Key(_str, supported=False),
+        "policy-service": _Key(_policy_service), "policy-service-timeout": _Key(_int_min(1)),
         "proxy-protocol": _Key(_bool, supported=False, default=False),
         "bare-newline": _Key(_enum("normalize", "reject")),
     },

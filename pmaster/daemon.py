@@ -285,6 +285,7 @@ class Daemon:
         if not self.runtime.spool.wait_removals_synced(REMOVAL_SYNC_WAIT):
             log.error("the removals of delivered messages are not all on disk yet")
         relay.close_cached()  # QUIT the SMTP sessions kept for reuse, now that no delivery needs them
+        self.runtime.resources.close()  # policy-service connections and exec: programs
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self.remove_pid_file()

@@ -32,6 +32,8 @@ REJECTION_REASONS = ("no_route", "routing_error", "size", "bare_newline", "loop"
                      "syntax", "route", "auth", "policy_service", "spf", "dnsbl", "verify")
 SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
 DELIVERY_RESULTS = ("sent", "deferred", "bounced")
+POLICY_ACTIONS = ("ok", "dunno", "reject", "defer", "defer_if_permit", "defer_if_reject", "code", "prepend", "warn",
+                  "info", "hold", "discard", "unknown", "failed")
 
 
 class _ScrapeCollector:
@@ -100,6 +102,11 @@ class Metrics:
                                    ["listener", "result"], registry=r)
         self.dnsbl_hits = Counter("pmaster_dnsbl_hits", "Clients found listed in a DNS blocklist, by zone",
                                   ["listener", "zone"], registry=r)
+        self.policy_answers = Counter("pmaster_policy_service_answers", "Policy service answers by action",
+                                      ["action"], registry=r)
+        self.policy_seconds = Histogram("pmaster_policy_service_duration_seconds",
+                                        "Time from a policy service request to its answer (or failure)", registry=r,
+                                        buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         r.register(_ScrapeCollector(sessions, spool))
 
     def count(self, what: str, listener: str, *labels: str) -> None:
@@ -120,6 +127,11 @@ class Metrics:
 
     def dnsbl_hit(self, listener: str, zone: str) -> None:
         self.dnsbl_hits.labels(listener, zone).inc()
+
+    def policy_service(self, action: str, seconds: float) -> None:
+        """One answer of a policy service (``action`` from ``POLICY_ACTIONS``; else "unknown")."""
+        self.policy_answers.labels(action if action in POLICY_ACTIONS else "unknown").inc()
+        self.policy_seconds.observe(seconds)
 
     def delivery(self, mailer: str, result: str, seconds: float) -> None:
         mailer = mailer if mailer in ("pipe", "relay") else "other"

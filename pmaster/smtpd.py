@@ -153,6 +153,7 @@ class Runtime:
 
 
 _NO_CHECKS = Chain({})
+_NO_OUTCOME = Outcome()  # read only: what a transaction no check touched decided
 
 
 def build_tls_contexts(config: Config) -> Dict[str, object]:
@@ -376,12 +377,31 @@ class _Transaction:
         self.body_type = "7BIT"
         self.size_hint = 0
         self.recipients: List[Tuple[str, List[Target]]] = []  # (address as given, final targets)
-        self.outcome = Outcome()  # what the policy chain decided besides refusing (prepend, hold, discard)
         self.recipient: Optional[str] = None  # the RCPT being checked
         self.queue_id: Optional[str] = None  # at data
         self.size: Optional[int] = None  # at data: octets received
         self.headers = None  # at data: email.message.Message of the header block
-        self.instance = uuid.uuid4().hex[:16]  # Postfix's policy "instance": one per transaction
+        # Made on first use: a session replaces its transaction several times per message.
+        self._outcome: Optional[Outcome] = None
+        self._instance: Optional[str] = None
+
+    @property
+    def outcome(self) -> Outcome:
+        """What the policy chain decided besides refusing (prepend, hold, discard, close hooks)."""
+        if self._outcome is None:
+            self._outcome = Outcome()
+        return self._outcome
+
+    @property
+    def instance(self) -> str:
+        """Postfix's policy ``instance``: one id per transaction."""
+        if self._instance is None:
+            self._instance = uuid.uuid4().hex[:16]
+        return self._instance
+
+    def close(self) -> None:
+        if self._outcome is not None:
+            self._outcome.close()
 
 
 class SessionView:
@@ -474,7 +494,7 @@ class Session:
             self.log.exception("session with [%s] failed", self.client_address)
             self._send_quietly(R.LOCAL_ERROR)
         finally:
-            self.tx.outcome.close()
+            self.tx.close()
             self.runtime.unregister(self, smtpd)
             self.log.info("disconnect from [%s]", self.client_address)
             self.channel.close()
@@ -498,7 +518,7 @@ class Session:
 
     def _new_tx(self) -> None:
         """Start a fresh transaction; the old one's close hooks run."""
-        self.tx.outcome.close()
+        self.tx.close()
         self.tx = _Transaction()
 
     def _policy(self, stage: str, verb: str) -> Optional[Reply]:
@@ -737,7 +757,8 @@ class Session:
         # happens, or its lines would be taken for commands (SPEC 4: 452 4.3.1 and nothing left behind).
         sink = _SafeSink(writer.write)
         # Postfix puts PREPEND headers above its own Received: header.
-        prepend = "".join(h + "\r\n" for h in self.tx.outcome.prepend)
+        outcome = self.tx._outcome
+        prepend = "".join(h + "\r\n" for h in outcome.prepend) if outcome is not None else ""
         sink.write((prepend + self._received_header(qid, smtpd)).encode("utf-8", "replace"))
         fixer = _HeaderFixer(sink.write, qid, config.core.hostname, smtpd.local_rcpt_to,
                              authserv_id=config.core.hostname)
@@ -761,7 +782,7 @@ class Session:
                 if refused is not None:
                     writer.abort()
                     return refused
-            outcome = self.tx.outcome
+            outcome = self.tx._outcome or _NO_OUTCOME
             if outcome.discard is not None:
                 writer.abort()
                 self.log.info("%s: discard: END-OF-MESSAGE from [%s]: %s; from=<%s> nrcpt=%d", qid,

@@ -132,8 +132,10 @@ def to_reply(value: Any) -> Reply:
     if not isinstance(value, tuple) or len(value) not in (2, 3):
         raise BadReply("expected None, (code, text) or (code, enhanced, text)")
     code, enhanced, text = (value[0], None, value[1]) if len(value) == 2 else value
-    if not isinstance(code, int) or isinstance(code, bool) or not 200 <= code <= 599 or code // 100 == 3:
-        raise BadReply("code %r is not a 2xx, 4xx or 5xx number" % (code,))
+    # RFC 5321 4.2: the first digit 2, 4 or 5 here (3xx is only for DATA), the second 0 to 5.
+    if not isinstance(code, int) or isinstance(code, bool) or not 200 <= code <= 599 or code // 100 == 3 \
+            or code // 10 % 10 > 5:
+        raise BadReply("code %r is not a 2xx, 4xx or 5xx reply code" % (code,))
     if not isinstance(text, str) or "\r" in text or "\0" in text:
         raise BadReply("text %r is not a string without CR and NUL" % (text,))
     if enhanced is None:
