@@ -134,11 +134,11 @@ class SpfCheck(Check):
         log.info("spf: client=[%s] identity=%s sender=<%s> helo=%s result=%s", view.client_address, res.identity,
                  sender, view.helo, res.result)
         if self.mode == "reject" and res.result == "fail":
-            return Reply(550, "5.7.23", "<%s>: Sender address rejected: SPF fail: %s"
-                         % (header_safe(sender), header_safe(res.explanation or "not authorized")))
+            return Reply(550, "5.7.23", "<%s>: Sender address rejected: %s"
+                         % (header_safe(sender), header_safe(res.explanation or "SPF fail - not authorized")))
         if self.mode == "reject" and res.result == "temperror":
-            return Reply(451, "4.7.24", "<%s>: Sender address rejected: SPF temporary error: %s"
-                         % (header_safe(sender), header_safe(res.explanation or "DNS failure")))
+            return Reply(451, "4.7.24", "<%s>: Sender address rejected: %s"
+                         % (header_safe(sender), header_safe(res.explanation or "SPF Temporary Error")))
         outcome.prepend.append(res.received_spf)
         outcome.prepend.append(res.authentication_results)
         return None
