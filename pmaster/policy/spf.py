@@ -6,6 +6,9 @@ API:
      ``Authentication-Results:`` (RFC 8601; authserv-id ``[core] hostname``) through the transaction's
      ``Outcome``; ``reject`` also refuses ``fail`` (``550 5.7.23``) and ``temperror`` (``451 4.7.24``).
   ``SpfCheck.evaluate(ip, sender, helo) -> SpfResult``: the result and both header lines, without a session.
+  ``DnsCache(size=10000, now=time.monotonic)``: answers of SPF look-ups kept for their TTL (at most an hour;
+     NXDOMAIN and no data for ``NEGATIVE_TTL``), bounded; failures are never kept. Optional ``cache=`` of
+     ``SpfCheck``; the daemon keeps one per ``dns-server`` in the chain's ``Resources`` (over reloads).
   ``lookup_timeout(smtpd) -> float``: the time one evaluation may take (20 s, RFC 7208 4.6.4, at most half the
      listener's command ``timeout`` so the client still hears our answer).
   ``checks(smtpd, config, resources) -> [SpfCheck]``: the chain factory (``FACTORIES["spf"]``); none when
@@ -25,6 +28,8 @@ import ipaddress
 import logging
 import re
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -41,6 +46,8 @@ log = logging.getLogger("pmaster.policy.spf")
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
 MAX_LIFETIME = 20.0  # RFC 7208 4.6.4: at least 20 seconds for the whole evaluation
+NEGATIVE_TTL = 60  # NXDOMAIN / no data: short, a domain that publishes its record is seen soon
+MAX_TTL = 3600
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{1,63}\.?$")
 
 _local = threading.local()
@@ -51,7 +58,53 @@ def _dispatch_lookup(name, qtype, strict=True, timeout=30):
     resolver = getattr(_local, "resolver", None)
     if resolver is None:
         return _pyspf_lookup(name, qtype, strict, timeout)
-    return _lookup(resolver, name, qtype, timeout)
+    cache = getattr(_local, "cache", None)
+    if cache is None:
+        return _lookup(resolver, name, qtype, timeout)
+    key = (str(name).lower().rstrip("."), qtype)
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    answer, ttl = _lookup_ttl(resolver, name, qtype, timeout)
+    cache.put(key, answer, ttl)
+    return answer
+
+
+class DnsCache:
+    """Answers of SPF look-ups by (name, type) for their TTL (negative ones ``NEGATIVE_TTL``), bounded, locked.
+
+    pyspf caches only within one evaluation; a busy MX asks for the same few domains all day.
+    """
+
+    def __init__(self, size: int = 10000, now: Callable[[], float] = time.monotonic):
+        self.size = size
+        self.now = now
+        self._lock = threading.Lock()
+        self._items: "OrderedDict[Tuple[str, str], Tuple[float, list]]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Tuple[str, str]) -> Optional[list]:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            if item[0] <= self.now():
+                del self._items[key]
+                return None
+            self._items.move_to_end(key)
+            return item[1]
+
+    def put(self, key: Tuple[str, str], answer: list, ttl: int) -> None:
+        ttl = max(0, min(int(ttl), MAX_TTL))
+        if ttl == 0:
+            return
+        with self._lock:
+            self._items[key] = (self.now() + ttl, answer)
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
 
 
 pyspf.DNSLookup = _dispatch_lookup
@@ -59,12 +112,16 @@ pyspf.DNSLookup = _dispatch_lookup
 
 def _lookup(resolver: dns.resolver.Resolver, name: str, qtype: str, timeout: float) -> List[tuple]:
     """pyspf's DNSLookup contract: ``[((name, qtype), value)]``; [] for NXDOMAIN or no data."""
+    return _lookup_ttl(resolver, name, qtype, timeout)[0]
+
+
+def _lookup_ttl(resolver: dns.resolver.Resolver, name: str, qtype: str, timeout: float) -> Tuple[List[tuple], int]:
     resolver.lifetime = max(0.1, float(timeout))
     resolver.timeout = min(resolver.lifetime, 3.0)
     try:
         answer = resolver.resolve(dns.name.from_text(name), qtype, search=False, raise_on_no_answer=False)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-        return []
+        return [], NEGATIVE_TTL
     except dns.exception.Timeout:
         raise pyspf.TempError("DNS timeout looking up %s %s" % (name, qtype)) from None
     except dns.resolver.NoNameservers:
@@ -81,7 +138,9 @@ def _lookup(resolver: dns.resolver.Resolver, name: str, qtype: str, timeout: flo
             out.append(((name, qtype), rdata.target.to_text(True)))
         elif qtype in ("TXT", "SPF"):
             out.append(((name, qtype), rdata.strings))
-    return out
+    if answer.rrset is None:
+        return out, NEGATIVE_TTL
+    return out, int(answer.rrset.ttl)
 
 
 def make_resolver(server: Optional[Tuple[str, int]]) -> dns.resolver.Resolver:
@@ -100,8 +159,9 @@ def lookup_timeout(smtpd) -> float:
 def checks(smtpd, config, resources: Resources) -> List[Check]:
     if smtpd.spf == "off":
         return []
+    cache = resources.get(("spf-dns-cache", config.core.dns_server), DnsCache)
     return [SpfCheck(smtpd.spf, config.core.hostname, config.core.dns_server, lookup_timeout(smtpd),
-                     resources.metrics)]
+                     resources.metrics, cache)]
 
 
 @dataclass(frozen=True)
@@ -118,8 +178,10 @@ class SpfCheck(Check):
     stages = frozenset(("mail",))
 
     def __init__(self, mode: str, authserv_id: str, dns_server: Optional[Tuple[str, int]] = None,
-                 lifetime: float = MAX_LIFETIME, metrics: Callable[[], object] = lambda: None):
+                 lifetime: float = MAX_LIFETIME, metrics: Callable[[], object] = lambda: None,
+                 cache: Optional[DnsCache] = None):
         self.mode = mode
+        self.cache = cache
         self.authserv_id = authserv_id
         self.dns_server = dns_server
         self.lifetime = float(lifetime)
@@ -152,6 +214,7 @@ class SpfCheck(Check):
         query = pyspf.query(i=ip, s=sender, h=helo_domain or helo, receiver=self.authserv_id,
                             timeout=self.lifetime, querytime=self.lifetime)
         _local.resolver = make_resolver(self.dns_server)
+        _local.cache = self.cache
         try:
             result, _code, explanation = query.check()
         except Exception:  # pyspf is third-party code: a bug there must not become an accept or a 421
@@ -159,7 +222,7 @@ class SpfCheck(Check):
             result, explanation = "temperror", "internal error"
             query = None
         finally:
-            _local.resolver = None
+            _local.resolver = _local.cache = None
         if result not in RESULTS:
             result = "permerror"
         return self._result(result, explanation, identity, ip, sender, helo, query)

@@ -145,3 +145,23 @@ def test_fold_keeps_lines_short_and_words_whole():
     lines = text.split("\r\n")
     assert len(lines) > 1 and all(len(line) <= 78 for line in lines)
     assert text.replace("\r\n\t", " ") == "X-Long: " + " ".join(["word%d" % i for i in range(40)])
+
+
+def test_dns_cache_answers_repeated_evaluations_until_the_ttl_runs_out(dns):
+    clock = [0.0]
+    check = SpfCheck("reject", "mx.test", dns.address, lifetime=3.0, cache=spfmod.DnsCache(now=lambda: clock[0]))
+    asked = lambda: sum(1 for q in dns.queries if q == ("pass.test", "TXT"))  # noqa: E731
+    before = asked()
+    for _ in range(3):
+        assert check.evaluate("127.0.0.5", "a@pass.test", "client.test").result == "pass"
+    assert asked() == before + 1
+    clock[0] += 61  # the test server's TTL is 60
+    assert check.evaluate("127.0.0.5", "a@pass.test", "client.test").result == "pass"
+    assert asked() == before + 2
+
+
+def test_dns_cache_never_keeps_a_timeout(dns):
+    cache = spfmod.DnsCache()
+    check = SpfCheck("reject", "mx.test", dns.address, lifetime=1.0, cache=cache)
+    assert check.evaluate("127.0.0.5", "a@slow.test", "client.test").result == "temperror"
+    assert len(cache) == 0
