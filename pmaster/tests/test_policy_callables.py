@@ -356,3 +356,18 @@ def test_contrib_rcptcap_caps_recipients_per_sender(tmp_path, monkeypatch):
         assert c.cmd("MAIL FROM:<>")[0].startswith("250")
         for rcpt in ("e", "f", "g"):
             assert c.cmd("RCPT TO:<%s@example.org>" % rcpt)[0].startswith("250")  # bounces are not capped
+
+
+def test_sighup_with_a_broken_module_keeps_the_running_policy(tmp_path):
+    _stage_refuser(tmp_path, "p_keep", "rcpt", (550, "5.7.1", "still here"))
+    daemon = DaemonProcess(tmp_path, CONFIG.replace("{policies}", "policy = p_keep:check")).start()
+    try:
+        (tmp_path / "p_keep.py").write_text("def check(stage, session)\n")  # a syntax error
+        shutil.rmtree(tmp_path / "__pycache__", ignore_errors=True)
+        daemon.reload()
+        wait_until(lambda: "reload failed" in daemon.log_text(), what="the refused reload")
+        assert "policy p_keep:check: cannot import p_keep" in daemon.log_text()
+        with daemon.client() as c:
+            assert _until_rcpt(c) == ["550 5.7.1 still here"]
+    finally:
+        daemon.stop()

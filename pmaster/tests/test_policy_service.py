@@ -442,3 +442,13 @@ def test_a_reload_without_the_service_ends_its_program(tmp_path):
                    or open("/proc/%d/stat" % pid).read().split(") ")[1].startswith("Z"), what="the program to end")
         _, reply = _rcpt(srv)
     assert reply[0].startswith("250")
+
+
+def test_exec_program_that_never_answers_times_out_and_is_replaced(tmp_path):
+    hang = tmp_path / "hang.py"
+    hang.write_text("import sys, time\nfor line in sys.stdin:\n    if not line.strip():\n        time.sleep(60)\n")
+    with _smtpd(tmp_path, "exec:%s %s" % (sys.executable, hang)) as srv:
+        _, reply = _rcpt(srv)
+        assert reply[0].startswith("451 4.3.0")
+        client = next(iter(srv.runtime.resources._objects.values()))
+        assert client._idle == [] and client._busy == 0  # the hung copy is not kept
