@@ -211,11 +211,12 @@ class SpfCheck(Check):
         if not sender and not helo_domain:
             # RFC 7208 2.3: a HELO that is an address literal or garbage has no SPF record to check.
             return self._result("none", "", identity, ip, sender, helo, None)
-        query = pyspf.query(i=ip, s=sender, h=helo_domain or helo, receiver=self.authserv_id,
-                            timeout=self.lifetime, querytime=self.lifetime)
         _local.resolver = make_resolver(self.dns_server)
         _local.cache = self.cache
+        query = None
         try:
+            query = pyspf.query(i=ip, s=sender, h=helo_domain or helo, receiver=self.authserv_id,
+                                timeout=self.lifetime, querytime=self.lifetime)
             result, _code, explanation = query.check()
         except Exception:  # pyspf is third-party code: a bug there must not become an accept or a 421
             log.exception("spf: evaluation for client=[%s] sender=<%s> failed", ip, sender)
