@@ -133,7 +133,7 @@ class Probe:
         try:
             self.client.sock.settimeout(self.timeout)
             code, msg = self.client.rcpt(address)
-        except (OSError, smtplib.SMTPException) as exc:
+        except (OSError, smtplib.SMTPException, UnicodeError) as exc:  # UnicodeError: a non-ASCII address
             self._fail("%s: no answer to RCPT TO: %s" % (self.peer, _why(exc)))
             return Verdict(0, self.failure or "")
         if code == 421:
@@ -194,7 +194,7 @@ class Probe:
             if code != 250:
                 raise _ProbeFailed("%s: MAIL FROM:<> got %d %s" % (where, code, _text(msg)))
             return client
-        except (OSError, smtplib.SMTPException, ssl.SSLError) as exc:
+        except (OSError, smtplib.SMTPException, ssl.SSLError, UnicodeError) as exc:
             client.close()
             raise _ProbeFailed("%s: %s" % (where, _why(exc))) from None
         except _ProbeFailed:
