@@ -129,6 +129,7 @@ class SmtpdConfig:
     policy_service_timeout: int = 10  # SPEC 2 (Postfix waits 100 s; a session should not hang that long)
     proxy_protocol: bool = False
     bare_newline: str = "normalize"
+    dnsbl: Tuple[str, ...] = ()  # DNS blocklist zones, in order (SPEC 6)
     pos: Optional[Position] = None
 
     @property
@@ -406,6 +407,17 @@ def _networks(ctx, values) -> Tuple[str, ...]:
     return tuple(out)
 
 
+def _dnsbl_zones(ctx, values) -> Tuple[str, ...]:
+    """One or more DNS blocklist zones (``zen.spamhaus.org``): domain names, lower case, no final dot."""
+    out = []
+    for v, zone in zip(values, _domains(ctx, values)):
+        labels = zone.split(".")
+        if len(zone) > 200 or not all(re.fullmatch(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?", x) for x in labels):
+            ctx.fail(v, "expected a DNS zone such as zen.spamhaus.org, got %r" % v.text)
+        out.append(zone)
+    return tuple(out)
+
+
 def _policy(ctx, values) -> Tuple[str, ...]:
     """``module:function`` references; one that cannot be imported is a machine problem (SPEC 6)."""
     from pmaster.policy.callables import import_problem, parse_reference
@@ -458,7 +470,7 @@ SCHEMA = {
         "tls-key": _Key(_path), "require-tls": _Key(_bool), "max-message-size": _Key(_size),
         "max-recipients": _Key(_int_min(1)), "max-connections": _Key(_int_min(1)),
         "max-connections-per-ip": _Key(_int_min(1)), "timeout": _Key(_duration),
-        "spf": _Key(_enum("off", "tag", "reject"), supported=False, default="off"),
+        "spf": _Key(_enum("off", "tag", "reject")), "dnsbl": _Key(_dnsbl_zones, repeat=True),
         "policy": _Key(_policy, repeat=True),
         "policy-service": _Key(_policy_service), "policy-service-timeout": _Key(_duration),
         "proxy-protocol": _Key(_bool, supported=False, default=False),
@@ -469,7 +481,7 @@ SCHEMA = {
         "name": _Key(_str), "address": _Key(lambda ctx, vals: (_hostport(ctx, vals),), repeat=True),
         "port": _Key(_port), "tls": _Key(_enum("opportunistic", "required", "none")),
         "tls-ca-file": _Key(_path), "auth-user": _Key(_str), "auth-password-file": _Key(_path),
-        "helo-name": _Key(_str), "verify-recipients": _Key(_bool, supported=False, default=False),
+        "helo-name": _Key(_str), "verify-recipients": _Key(_bool),
     },
     "metrics": {"listen-port": _Key(_metrics_listen)},
     "webadmin": {"listen-port": _Key(_metrics_listen), "password-file": _Key(_path),
@@ -656,7 +668,7 @@ class _Loader:
             return
         if name in sec.values and not spec.repeat:
             first = sec.key_pos[name]
-            self.error(pos, "'%s' given twice (first at line %d); only address, listen-port and policy repeat"
+            self.error(pos, "'%s' given twice (first at line %d); only address, listen-port, policy and dnsbl repeat"
                        % (name, first.line))
             return
         if spec.repeat:

@@ -33,6 +33,7 @@ log = logging.getLogger("pmaster.metrics")
 REJECTION_REASONS = ("no_route", "routing_error", "size", "bare_newline", "loop", "limit", "policy", "other",
                      # SPEC 6's set besides the reasons above (no_route and routing_error are its "route")
                      "syntax", "route", "auth", "policy_service", "spf", "dnsbl", "verify")
+SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
 DELIVERY_RESULTS = ("sent", "deferred", "bounced")
 POLICY_ACTIONS = ("ok", "dunno", "reject", "defer", "defer_if_permit", "defer_if_reject", "code", "prepend", "warn",
                   "info", "hold", "discard", "unknown", "failed")
@@ -113,6 +114,12 @@ class Metrics:
         self.delivery_seconds = Histogram("pmaster_delivery_duration_seconds", "Duration of delivery attempts",
                                           ["mailer"], registry=r,
                                           buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+        # Anti-spam (SPEC 6). The zone label takes only the values of [smtpd] dnsbl lines: a set the
+        # administrator writes down, a few entries long, never anything a client sends.
+        self.spf_results = Counter("pmaster_spf_results", "SPF evaluations at MAIL FROM by result",
+                                   ["listener", "result"], registry=r)
+        self.dnsbl_hits = Counter("pmaster_dnsbl_hits", "Clients found listed in a DNS blocklist, by zone",
+                                  ["listener", "zone"], registry=r)
         self.policy_answers = Counter("pmaster_policy_service_answers", "Policy service answers by action",
                                       ["action"], registry=r)
         self.policy_seconds = Histogram("pmaster_policy_service_duration_seconds",
@@ -132,6 +139,12 @@ class Metrics:
             self.rejections.labels(listener, reason).inc()
         elif what == "tls":
             self.tls_sessions.labels(listener).inc()
+
+    def spf_result(self, listener: str, result: str) -> None:
+        self.spf_results.labels(listener, result if result in SPF_RESULTS else "permerror").inc()
+
+    def dnsbl_hit(self, listener: str, zone: str) -> None:
+        self.dnsbl_hits.labels(listener, zone).inc()
 
     def policy_service(self, action: str, seconds: float) -> None:
         """One answer of a policy service (``action`` from ``POLICY_ACTIONS``; else "unknown")."""

@@ -54,6 +54,7 @@ from pmaster.config import Config, SmtpdConfig, parse_listen, service_port
 from pmaster.envelope import Envelope, Recipient, split_address
 from pmaster.errors import PmasterError, RouteError, SmtpError, SpoolError
 from pmaster.grammar.smtp import Command, SmtpSyntaxError, parse_command
+from pmaster.policy import authres
 from pmaster.policy.chain import Chain, Outcome, Resources, build_chains
 from pmaster.reply import Reply
 from pmaster.routing import Router, Target
@@ -760,7 +761,8 @@ class Session:
         outcome = self.tx._outcome
         prepend = "".join(h + "\r\n" for h in outcome.prepend) if outcome is not None else ""
         sink.write((prepend + self._received_header(qid, smtpd)).encode("utf-8", "replace"))
-        fixer = _HeaderFixer(sink.write, qid, config.core.hostname, smtpd.local_rcpt_to)
+        fixer = _HeaderFixer(sink.write, qid, config.core.hostname, smtpd.local_rcpt_to,
+                             authserv_id=config.core.hostname)
         checked = "data" in self.runtime.chain(self.ident).stages
         grab = _HeaderGrab(fixer.write) if checked else None
         result = self.channel.read_data(grab.write if grab else fixer.write, smtpd.max_message_size,
@@ -918,15 +920,21 @@ class _SafeSink:
 
 
 class _HeaderFixer:
-    """Passes the body through; on local submission adds Message-ID: and Date: when the header block lacks them."""
+    """Passes the body through; on local submission adds Message-ID: and Date: when the header block lacks them.
 
-    def __init__(self, write: Callable[[bytes], object], qid: str, hostname: str, enabled: bool):
+    With ``authserv_id`` it also removes Authentication-Results: fields that claim our authserv-id: only we may
+    say what we verified (RFC 8601 5, SPEC 6).
+    """
+
+    def __init__(self, write: Callable[[bytes], object], qid: str, hostname: str, enabled: bool,
+                 authserv_id: Optional[str] = None):
         self.out = write
         self.qid = qid
         self.hostname = hostname
         self.enabled = enabled
+        self.authserv_id = authserv_id
         self.buf = bytearray()
-        self.passing = not enabled
+        self.passing = not enabled and not authserv_id
 
     def write(self, data: bytes) -> None:
         if self.passing:
@@ -944,15 +952,29 @@ class _HeaderFixer:
             self._release(len(self.buf))
 
     def _release(self, header_end: int) -> None:
+        if self.authserv_id:
+            header_end = self._strip_forged(header_end)
         head = bytes(self.buf[:header_end]).lower()
         extra = b""
-        if not _has_header(head, b"message-id"):
+        if self.enabled and not _has_header(head, b"message-id"):
             extra += ("Message-ID: <%s.%s@%s>\r\n" % (self.qid, uuid.uuid4().hex[:12], self.hostname)).encode()
-        if not _has_header(head, b"date"):
+        if self.enabled and not _has_header(head, b"date"):
             extra += ("Date: %s\r\n" % _date_now()).encode()
         self.passing = True
         self.out(extra + bytes(self.buf))
         self.buf = bytearray()
+
+
+    def _strip_forged(self, header_end: int) -> int:
+        # Only complete lines of the header block: a field cut off at the sniff limit is left alone.
+        last = self.buf.rfind(b"\r\n", 0, header_end + 2) if header_end > 0 else -1
+        cut = last + 2 if last >= 0 else 0
+        head = bytes(self.buf[:cut])
+        if b"authentication-results" not in head.lower():
+            return header_end
+        kept = authres.strip_ours(head, self.authserv_id or "")
+        self.buf[:cut] = kept
+        return header_end - (len(head) - len(kept))
 
 
 class _HeaderGrab:

@@ -51,11 +51,11 @@ ORDER: Dict[str, Tuple[str, ...]] = {
 # Extension table: position -> factories "module:function", each ``function(smtpd, config, resources)``
 # returning the checks of that position for one listener (an empty list when the listener has none).
 FACTORIES: Dict[str, List[str]] = {
-    "spf": [],
-    "dnsbl": [],
+    "spf": ["pmaster.policy.spf:checks"],
+    "dnsbl": ["pmaster.policy.dnsbl:checks"],
     "policy": ["pmaster.policy.callables:checks"],
     "policy_service": ["pmaster.policy.service:checks"],
-    "verify": [],
+    "verify": ["pmaster.policy.verify:checks"],
 }
 
 CHECK_FAILED = Reply(451, "4.3.0", "Temporary lookup failure")

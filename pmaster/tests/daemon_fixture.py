@@ -21,7 +21,8 @@ API:
      ``Runtime`` and serves the first ``[smtpd]`` section in a thread on an ephemeral port of 127.0.0.1
      (whatever its ``listen-port`` says); no scheduler, so messages stay in the spool. Much faster than a
      subprocess.
-  ``RawClient(host, port)``: a socket client for exact transcripts: ``send``, ``line``, ``reply`` (a whole
+  ``RawClient(host, port, source=None)``: a socket client for exact transcripts (connecting from ``source``
+     when given): ``send``, ``line``, ``reply`` (a whole
      possibly multi-line reply as a list of lines), ``cmd(text) -> reply``, ``recv_all(wait)``.
 Invariants: every wait is bounded; ports are ephemeral (safe under pytest-xdist); nothing outside ``tmp_path``
   is written, except by a configuration that asks for it.
@@ -147,10 +148,13 @@ def smtp_probe(host: str, port: int, timeout: float = 2.0) -> bool:
 class RawClient:
     """A plain socket client for exact SMTP transcripts."""
 
-    def __init__(self, host: str, port: int, timeout: float = 10.0, greeting: bool = True):
+    def __init__(self, host: str, port: int, timeout: float = 10.0, greeting: bool = True,
+                 source: Optional[str] = None):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
+        if source is not None:  # e.g. 127.0.0.2: a loopback client outside the default trusted-networks
+            self.sock.bind((source, 0))
         self.sock.connect((host, port))
         self.buf = b""
         self.greeting = self.reply() if greeting else None

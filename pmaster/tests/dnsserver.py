@@ -8,6 +8,7 @@ API:
           "mx1.example.test": {"A": ["127.0.0.1"], "AAAA": ["::1"]},
           "nomail.test": {"MX": [(0, ".")]},          # null MX (RFC 7505)
           "alias.test": {"CNAME": "mx1.example.test"},
+          "spf.test": {"TXT": ["v=spf1 ip4:127.0.0.1 -all"]},  # one string, or a list: one record
       }
       with DnsServer(records, zones=("test",), timeout_names=("slow.test",)) as dns:
           Resolver(dns.address, timeout=1).mx_hosts("example.test")
@@ -27,7 +28,7 @@ import struct
 import threading
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, A, DNSRecord
+from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, TXT, A, DNSRecord
 
 TTL = 60
 
@@ -138,6 +139,10 @@ class DnsServer:
         if qtype in _RDATA:
             return [RR(qname, getattr(QTYPE, qtype), ttl=TTL, rdata=_RDATA[qtype](ip))
                     for ip in values]  # type: ignore[union-attr]
+        if qtype == "TXT":
+            # A TXT value is one string, or a list of strings that make one record (RFC 7208 3.3).
+            return [RR(qname, QTYPE.TXT, ttl=TTL, rdata=TXT(list(v) if isinstance(v, (list, tuple)) else str(v)))
+                    for v in values]  # type: ignore[union-attr]
         if qtype == "CNAME" and entry.get("CNAME"):
             return [RR(qname, QTYPE.CNAME, ttl=TTL, rdata=CNAME(str(entry["CNAME"])))]
         return []

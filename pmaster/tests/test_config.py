@@ -541,3 +541,9 @@ def test_policy_service_timeout_defaults_to_ten_seconds_and_takes_a_duration(tmp
     assert cfg(tmp_path, "[smtpd x]\nlisten-port = 2525\n").smtpd["x"].policy_service_timeout == 10
     text = "[smtpd x]\nlisten-port = 2525\npolicy-service-timeout = 1m\n"
     assert cfg(tmp_path, text).smtpd["x"].policy_service_timeout == 60
+
+def test_spf_reject_dnsbl_zones_and_verify_recipients_are_accepted(tmp_path):
+    c = cfg(tmp_path, "[smtpd localhost]\nspf = reject\ndnsbl = a.example. B.example\ndnsbl c.example\n"
+                      "[relay inside]\nverify-recipients = yes\n")
+    assert (c.smtpd["localhost"].spf, c.smtpd["localhost"].dnsbl, c.relays["inside"].verify_recipients) == \
+        ("reject", ("a.example", "b.example", "c.example"), True)
