@@ -17,10 +17,11 @@ setup(
         "passlib; python_version < '3.9'", "libpass; python_version >= '3.9'",
     ],
     extras_require={
-        "bcrypt": ["bcrypt"],
+        # passlib 1.7.4 (the one for Python 3.8) fails with bcrypt 4.1 and newer (its self-test hashes > 72 bytes).
+        "bcrypt": ["bcrypt<4.1; python_version < '3.9'", "bcrypt; python_version >= '3.9'"],
         "argon2": ["argon2-cffi"],
         "test": ["pytest", "pytest-xdist", "trustme", "hypothesis", "dnslib", "ruff", "vermin", "selenium",
-                 "bcrypt", "argon2-cffi"],
+                 "bcrypt<4.1; python_version < '3.9'", "bcrypt; python_version >= '3.9'", "argon2-cffi"],
     },
     entry_points={"console_scripts": ["pmaster = pmaster.cli:main"]},
     data_files=[("share/pmaster", ["conf/postmaster.cf.example"])],
