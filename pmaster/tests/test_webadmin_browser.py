@@ -10,6 +10,7 @@ import tempfile
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -74,8 +75,14 @@ def test_chart_moves_after_mail_is_sent(env):
     d.get(env["base"] + "/")
 
     def received_sum():
-        lines = d.find_elements(By.CSS_SELECTOR, "#chart-svg polyline[data-series=received]")
-        return int(lines[0].get_attribute("data-sum")) if lines else -1
+        # The chart is redrawn at every event: an element found a moment ago may be gone; look again.
+        for _ in range(50):
+            try:
+                lines = d.find_elements(By.CSS_SELECTOR, "#chart-svg polyline[data-series=received]")
+                return int(lines[0].get_attribute("data-sum")) if lines else -1
+            except StaleElementReferenceException:
+                continue
+        return -1
 
     before = received_sum()
     for i in range(3):
