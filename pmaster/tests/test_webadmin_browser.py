@@ -88,7 +88,8 @@ def test_chart_moves_after_mail_is_sent(env):
     for i in range(3):
         send(env["daemon"], "alice@example.org", "chart%d@sent.example" % i, "chart")
     WebDriverWait(d, WAIT).until(lambda _: received_sum() >= before + 3)
-    assert int(d.find_element(By.ID, "total-received").text) >= 3
+    WebDriverWait(d, WAIT, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda _: int(d.find_element(By.ID, "total-received").text or "0") >= 3)
     _shot(env, "dashboard-live")
 
 
