@@ -25,9 +25,7 @@ Errors: none escape ``check``.
 
 import ipaddress
 import logging
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -39,6 +37,7 @@ import dns.resolver
 from pmaster.policy.authres import header_safe
 from pmaster.policy.chain import Check, Resources
 from pmaster.policy.spf import make_resolver
+from pmaster.policy.ttlcache import TtlCache
 from pmaster.reply import Reply
 
 log = logging.getLogger("pmaster.policy.dnsbl")
@@ -72,37 +71,15 @@ def reversed_name(ip: str, zone: str) -> str:
     return "%s.%s" % (".".join(labels), zone.rstrip("."))
 
 
-class DnsblCache:
+class DnsblCache(TtlCache):
     def __init__(self, size: int = CACHE_SIZE, now: Callable[[], float] = time.monotonic):
-        self.size = size
-        self.now = now
-        self._lock = threading.Lock()
-        self._items: "OrderedDict[Tuple[str, str], Tuple[float, Listing]]" = OrderedDict()
+        super().__init__(size, now)
 
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, zone: str, ip: str) -> Optional[Listing]:
-        key = (zone, ip)
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                return None
-            if item[0] <= self.now():
-                del self._items[key]
-                return None
-            self._items.move_to_end(key)
-            return item[1]
+    def get(self, zone: str, ip: str) -> Optional[Listing]:  # type: ignore[override]
+        return TtlCache.get(self, (zone, ip))
 
     def put(self, zone: str, ip: str, listing: Listing) -> None:
-        ttl = max(0, min(listing.ttl, MAX_TTL))
-        if ttl == 0:
-            return
-        with self._lock:
-            self._items[(zone, ip)] = (self.now() + ttl, listing)
-            self._items.move_to_end((zone, ip))
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+        self.store((zone, ip), listing, max(0, min(listing.ttl, MAX_TTL)))
 
 
 def query(ip: str, zone: str, dns_server: Optional[Tuple[str, int]], lifetime: float) -> Listing:

@@ -29,7 +29,6 @@ import logging
 import re
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
@@ -40,6 +39,7 @@ import spf as pyspf
 
 from pmaster.policy.authres import fold, header_safe
 from pmaster.policy.chain import Check, Resources
+from pmaster.policy.ttlcache import TtlCache
 from pmaster.reply import Reply
 
 log = logging.getLogger("pmaster.policy.spf")
@@ -70,41 +70,17 @@ def _dispatch_lookup(name, qtype, strict=True, timeout=30):
     return answer
 
 
-class DnsCache:
+class DnsCache(TtlCache):
     """Answers of SPF look-ups by (name, type) for their TTL (negative ones ``NEGATIVE_TTL``), bounded, locked.
 
     pyspf caches only within one evaluation; a busy MX asks for the same few domains all day.
     """
 
     def __init__(self, size: int = 10000, now: Callable[[], float] = time.monotonic):
-        self.size = size
-        self.now = now
-        self._lock = threading.Lock()
-        self._items: "OrderedDict[Tuple[str, str], Tuple[float, list]]" = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: Tuple[str, str]) -> Optional[list]:
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                return None
-            if item[0] <= self.now():
-                del self._items[key]
-                return None
-            self._items.move_to_end(key)
-            return item[1]
+        super().__init__(size, now)
 
     def put(self, key: Tuple[str, str], answer: list, ttl: int) -> None:
-        ttl = max(0, min(int(ttl), MAX_TTL))
-        if ttl == 0:
-            return
-        with self._lock:
-            self._items[key] = (self.now() + ttl, answer)
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+        self.store(key, answer, max(0, min(int(ttl), MAX_TTL)))
 
 
 pyspf.DNSLookup = _dispatch_lookup

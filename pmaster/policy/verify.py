@@ -30,13 +30,13 @@ import socket
 import ssl
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from pmaster.config import RelayConfig, split_hostport
 from pmaster.policy.authres import header_safe
 from pmaster.policy.chain import Check, Resources
+from pmaster.policy.ttlcache import TtlCache
 from pmaster.reply import Reply
 from pmaster.routing import Router
 
@@ -62,27 +62,12 @@ class Verdict:
         return self.code >= 500
 
 
-class VerifyCache:
+class VerifyCache(TtlCache):
     def __init__(self, size: int = CACHE_SIZE, now: Callable[[], float] = time.monotonic):
-        self.size = size
-        self.now = now
-        self._lock = threading.Lock()
-        self._items: "OrderedDict[Tuple[str, str], Tuple[float, Verdict]]" = OrderedDict()
+        super().__init__(size, now)
 
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, relay: str, address: str) -> Optional[Verdict]:
-        key = (relay, address.lower())
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                return None
-            if item[0] <= self.now():
-                del self._items[key]
-                return None
-            self._items.move_to_end(key)
-            return item[1]
+    def get(self, relay: str, address: str) -> Optional[Verdict]:  # type: ignore[override]
+        return TtlCache.get(self, (relay, address.lower()))
 
     def put(self, relay: str, address: str, verdict: Verdict) -> None:
         if verdict.accepted:
@@ -91,12 +76,7 @@ class VerifyCache:
             ttl = NEGATIVE_TTL
         else:
             return  # a 4xx or no answer says nothing lasting about the address
-        key = (relay, address.lower())
-        with self._lock:
-            self._items[key] = (self.now() + ttl, verdict)
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+        self.store((relay, address.lower()), verdict, ttl)
 
 
 class _ProbeFailed(Exception):
